@@ -1,0 +1,231 @@
+"""How a press hooks a model: the base class every press derives from.
+
+A press is used as a context manager around any forward pass or generation of a Hugging Face causal LM::
+
+    press = KnormPress(compression_ratio=0.5)
+    with press(model):
+        model.generate(input_ids, max_new_tokens=32)
+
+While the context is open, two hooks sit on every (full-attention) attention module:
+
+- after the module's forward (``_after_attention``), the press looks at the layer's cache and decides which
+  (KV head, position) pairs to evict: after the prefill for every press, and on later forwards (question tokens,
+  decoding steps) for presses that compress while decoding;
+- before the module's forward (``_before_attention``), the evictions decided so far are applied to the attention
+  mask, per KV head, so an evicted pair gets exactly zero attention weight from then on.
+
+Memory today: evicted pairs are *masked*, not freed. The cache keeps every key and value; what changes is the
+attention. This makes head-wise (ragged) evictions exact for every press and keeps positions and cache cropping
+trivial. It does not save memory or time; freeing evicted pairs is future work.
+
+The prefill itself is always dense: pruning one layer does not change the hidden states of later layers within
+that forward (the same as kvpress), so one prefill could serve every press.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import ClassVar, Iterator
+
+import torch
+from torch import nn
+
+from presses import compat
+from presses.errors import PressError
+
+
+@dataclass(frozen=True)
+class LayerInputs:
+    """What a press sees of one attention layer after its forward pass.
+
+    ``keys``/``values`` are the whole cache of the layer, (batch, kv_heads, k_len, head_dim), keys with RoPE.
+    ``hidden_states`` are the inputs of this forward only, (batch, q_len, hidden_size), after the input norm.
+    ``attentions`` are the attention weights (batch, num_heads, q_len, k_len) with eager attention, else None.
+    ``evicted`` is the current eviction mask (batch, kv_heads, k_len), True = removed.
+    ``kwargs`` are the keyword arguments of the attention forward (``position_embeddings``, ...).
+    """
+
+    module: nn.Module
+    hidden_states: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+    attentions: torch.Tensor | None
+    evicted: torch.Tensor
+    kwargs: dict
+
+    @property
+    def is_prefill(self) -> bool:
+        """True on the first forward into an empty cache (the context prefill)."""
+        return self.keys.shape[2] == self.hidden_states.shape[1]
+
+    @property
+    def q_len(self) -> int:
+        return self.hidden_states.shape[1]
+
+    @property
+    def k_len(self) -> int:
+        return self.keys.shape[2]
+
+
+@dataclass
+class BasePress:
+    """Base of all presses. Subclasses implement :meth:`compress`; most derive from ``ScorerPress`` instead.
+
+    ``knob`` declares which setting a sweep varies: ``"compression_ratio"`` (fraction of pairs removed),
+    ``"threshold"`` (score cut), or None (no knob, e.g. ``no_press``).
+    """
+
+    knob: ClassVar[str | None] = None
+
+    @property
+    def compresses_while_decoding(self) -> bool:
+        """True if the press also evicts after the prefill (question tokens, generated tokens)."""
+        return False
+
+    def compress(self, layer: LayerInputs) -> torch.Tensor:
+        """Return the new eviction mask (batch, kv_heads, k_len) for this layer; must contain ``layer.evicted``."""
+        raise NotImplementedError
+
+    def post_init_from_model(self, model: nn.Module, tokenizer=None) -> None:
+        """Optional: read what the press needs from the model (and tokenizer) before hooks are installed."""
+
+    # ----------------------------------------------------------------------------------------------------------
+    # State: one eviction mask per layer, plus press-specific tensors (e.g. DMS scores), reset at each prefill.
+
+    @property
+    def _layer_state(self) -> dict[int, dict[str, torch.Tensor]]:
+        if "_state" not in self.__dict__:
+            self.__dict__["_state"] = {}
+        return self.__dict__["_state"]
+
+    def layer_state(self, layer_idx: int) -> dict[str, torch.Tensor]:
+        """Mutable per-layer state of this press; ``"evicted"`` holds the eviction mask."""
+        return self._layer_state.setdefault(layer_idx, {})
+
+    def reset(self) -> None:
+        """Forget all evictions (a new context is about to be prefilled)."""
+        self._layer_state.clear()
+
+    def snapshot(self) -> dict[int, dict[str, torch.Tensor]]:
+        """A copy of the state, to answer several questions from one compressed context (see :meth:`restore`)."""
+        return {layer: {name: t.clone() for name, t in state.items()} for layer, state in self._layer_state.items()}
+
+    def restore(self, snapshot: dict[int, dict[str, torch.Tensor]]) -> None:
+        self.__dict__["_state"] = {
+            layer: {name: t.clone() for name, t in state.items()} for layer, state in snapshot.items()
+        }
+
+    def evicted_mask(self, layer_idx: int) -> torch.Tensor | None:
+        """Eviction mask (batch, kv_heads, k_len) of a layer, True = evicted; None before any prefill."""
+        return self._layer_state.get(layer_idx, {}).get("evicted")
+
+    @property
+    def achieved_compression_ratio(self) -> float:
+        """Removed pairs / total pairs over all compressed layers and KV heads, for the current cache length.
+
+        For a press that only compresses the prefill this is the context's compression, also after generation.
+        For a press that compresses while decoding it covers the whole cache, generated tokens included.
+        """
+        masks = [state["evicted"] for state in self._layer_state.values() if "evicted" in state]
+        if not masks:
+            return 0.0
+        removed = sum(int(m.sum()) for m in masks)
+        total = sum(m.numel() for m in masks)
+        return removed / total
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Hooks.
+
+    @contextmanager
+    def __call__(self, model: nn.Module, tokenizer=None) -> Iterator[BasePress]:
+        """Apply this press to every forward of ``model`` inside the ``with`` block; hooks go away on exit.
+
+        ``tokenizer`` is only needed by presses that build prompts of their own (KVzip's repeat prompt).
+        """
+        modules = compat.attention_modules(model)
+        self.post_init_from_model(model, tokenizer)
+        self.reset()
+        handles = []
+        try:
+            for module in modules:
+                handles.append(module.register_forward_pre_hook(self._before_attention, with_kwargs=True))
+                handles.append(module.register_forward_hook(self._after_attention, with_kwargs=True))
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _before_attention(self, module: nn.Module, args: tuple, kwargs: dict):
+        cache = compat.cache_from_kwargs(kwargs)
+        past = compat.cache_length(cache, module.layer_idx)
+        state = self.layer_state(module.layer_idx)
+        evicted = state.get("evicted")
+        if evicted is None or past == 0:  # nothing evicted yet, or a new prefill (cleared after attention)
+            return None
+        if evicted.shape[-1] > past:  # the cache was cropped (e.g. between questions): forget dropped positions
+            self._truncate_state(state, past)
+            evicted = state["evicted"]
+        if not evicted.any():
+            return None
+        q_len = compat.hidden_states_from(args, kwargs).shape[1]
+        padded = _pad_positions(evicted, past + q_len)
+        kwargs["attention_mask"] = compat.mask_evicted_pairs(module, kwargs.get("attention_mask"), padded, q_len)
+        return args, kwargs
+
+    def _after_attention(self, module: nn.Module, args: tuple, kwargs: dict, output):
+        cache = compat.cache_from_kwargs(kwargs)
+        keys, values = compat.keys_values(cache, module.layer_idx)
+        hidden_states = compat.hidden_states_from(args, kwargs)
+        state = self.layer_state(module.layer_idx)
+        k_len = keys.shape[2]
+        is_prefill = k_len == hidden_states.shape[1]
+        if not is_prefill and not self.compresses_while_decoding:
+            return output  # later tokens are kept: the mask stays at the context length
+        if is_prefill or "evicted" not in state:
+            state.clear()
+            evicted = keys.new_zeros((keys.shape[0], keys.shape[1], k_len), dtype=torch.bool)
+        else:
+            evicted = _pad_positions(state["evicted"], k_len)
+        attentions = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+        layer = LayerInputs(module, hidden_states, keys, values, attentions, evicted, kwargs)
+        new_evicted = self.compress(layer)
+        if new_evicted.shape != evicted.shape or bool((evicted & ~new_evicted).any()):
+            raise RuntimeError(f"{type(self).__name__}.compress must keep earlier evictions and the mask shape")
+        state["evicted"] = new_evicted
+        return output
+
+    @staticmethod
+    def _truncate_state(state: dict[str, torch.Tensor], length: int) -> None:
+        for name, tensor in state.items():
+            if tensor.dim() == 3 and tensor.shape[-1] > length:
+                state[name] = tensor[..., :length]
+
+
+def _pad_positions(mask: torch.Tensor, length: int) -> torch.Tensor:
+    """Extend a (batch, heads, n) eviction mask to ``length`` positions; new positions are kept."""
+    missing = length - mask.shape[-1]
+    if missing <= 0:
+        return mask[..., :length]
+    return torch.cat([mask, mask.new_zeros((*mask.shape[:-1], missing))], dim=-1)
+
+
+def keep_top_scores(scores: torch.Tensor, n_keep: int, evicted: torch.Tensor) -> torch.Tensor:
+    """Evict all but the ``n_keep`` highest scores of each (batch, head) row, never reviving evicted pairs.
+
+    ``scores`` and ``evicted`` are (batch, kv_heads, k_len). At least one pair per head is always kept.
+    """
+    n_keep = max(1, min(n_keep, scores.shape[-1]))
+    masked = scores.float().masked_fill(evicted, float("-inf"))
+    kept = masked.topk(n_keep, dim=-1).indices
+    new_evicted = torch.ones_like(evicted)
+    new_evicted.scatter_(-1, kept, False)
+    return new_evicted | evicted
+
+
+def validate_ratio(compression_ratio: float, press_name: str) -> None:
+    """One-line error for a compression ratio outside [0, 1)."""
+    if not isinstance(compression_ratio, (int, float)) or not 0 <= compression_ratio < 1:
+        raise PressError(
+            f"{press_name}: compression_ratio must be in [0, 1) (fraction of KV pairs removed), got {compression_ratio!r}"
+        )

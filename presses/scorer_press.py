@@ -1,0 +1,51 @@
+"""Top-k presses: score every cached pair, remove the lowest-scoring fraction after the prefill."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from presses.base_press import BasePress, LayerInputs, keep_top_scores, validate_ratio
+
+
+@dataclass
+class ScorerPress(BasePress):
+    """Remove ``compression_ratio`` of the context's KV pairs in every head, keeping the highest scores.
+
+    Subclasses implement :meth:`score` only. Every head of every layer keeps the same number of pairs,
+    ``max(1, k_len - int(k_len * compression_ratio))``, so a short context never loses its whole cache.
+    """
+
+    compression_ratio: float = 0.0
+    knob: ClassVar[str | None] = "compression_ratio"
+
+    def __post_init__(self) -> None:
+        validate_ratio(self.compression_ratio, type(self).__name__)
+
+    def score(
+        self,
+        module: nn.Module,
+        hidden_states: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        attentions: torch.Tensor | None,
+        kwargs: dict,
+    ) -> torch.Tensor:
+        """Importance of each cached pair, (batch, kv_heads, k_len); higher means keep."""
+        raise NotImplementedError
+
+    def scores_for(self, layer: LayerInputs) -> torch.Tensor:
+        return self.score(layer.module, layer.hidden_states, layer.keys, layer.values, layer.attentions, layer.kwargs)
+
+    def n_kept(self, k_len: int, layer_idx: int) -> int:
+        """Pairs each head keeps out of ``k_len`` (overridden by presses with per-layer budgets)."""
+        return max(1, k_len - int(k_len * self.compression_ratio))
+
+    def compress(self, layer: LayerInputs) -> torch.Tensor:
+        if not layer.is_prefill or self.compression_ratio == 0:
+            return layer.evicted
+        n_keep = self.n_kept(layer.k_len, layer.module.layer_idx)
+        return keep_top_scores(self.scores_for(layer), n_keep, layer.evicted)
