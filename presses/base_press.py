@@ -24,9 +24,10 @@ that forward (the same as kvpress), so one prefill could serve every press.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import ClassVar, Iterator
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -77,6 +78,12 @@ class BasePress:
     """
 
     knob: ClassVar[str | None] = None
+    # Per-layer state tensors indexed by position on their last axis: cut back when the cache is cropped.
+    position_state: ClassVar[tuple[str, ...]] = ("evicted",)
+
+    def children(self) -> list[BasePress]:
+        """Presses this one wraps (their state is reset, saved and restored with this one's)."""
+        return []
 
     @property
     def compresses_while_decoding(self) -> bool:
@@ -106,15 +113,21 @@ class BasePress:
     def reset(self) -> None:
         """Forget all evictions (a new context is about to be prefilled)."""
         self._layer_state.clear()
+        for child in self.children():
+            child.reset()
 
-    def snapshot(self) -> dict[int, dict[str, torch.Tensor]]:
+    def snapshot(self) -> dict:
         """A copy of the state, to answer several questions from one compressed context (see :meth:`restore`)."""
-        return {layer: {name: t.clone() for name, t in state.items()} for layer, state in self._layer_state.items()}
-
-    def restore(self, snapshot: dict[int, dict[str, torch.Tensor]]) -> None:
-        self.__dict__["_state"] = {
-            layer: {name: t.clone() for name, t in state.items()} for layer, state in snapshot.items()
+        return {
+            "layers": {layer: {name: t.clone() for name, t in st.items()} for layer, st in self._layer_state.items()},
+            "children": [child.snapshot() for child in self.children()],
         }
+
+    def restore(self, snapshot: dict) -> None:
+        layers = snapshot["layers"]
+        self.__dict__["_state"] = {layer: {name: t.clone() for name, t in st.items()} for layer, st in layers.items()}
+        for child, child_snapshot in zip(self.children(), snapshot["children"], strict=True):
+            child.restore(child_snapshot)
 
     def evicted_mask(self, layer_idx: int) -> torch.Tensor | None:
         """Eviction mask (batch, kv_heads, k_len) of a layer, True = evicted; None before any prefill."""
@@ -164,7 +177,7 @@ class BasePress:
         if evicted is None or past == 0:  # nothing evicted yet, or a new prefill (cleared after attention)
             return None
         if evicted.shape[-1] > past:  # the cache was cropped (e.g. between questions): forget dropped positions
-            self._truncate_state(state, past)
+            self._truncate_positions(past)
             evicted = state["evicted"]
         if not evicted.any():
             return None
@@ -195,11 +208,13 @@ class BasePress:
         state["evicted"] = new_evicted
         return output
 
-    @staticmethod
-    def _truncate_state(state: dict[str, torch.Tensor], length: int) -> None:
-        for name, tensor in state.items():
-            if tensor.dim() == 3 and tensor.shape[-1] > length:
-                state[name] = tensor[..., :length]
+    def _truncate_positions(self, length: int) -> None:
+        for state in self._layer_state.values():
+            for name in self.position_state:
+                if name in state and state[name].shape[-1] > length:
+                    state[name] = state[name][..., :length]
+        for child in self.children():
+            child._truncate_positions(length)
 
 
 def _pad_positions(mask: torch.Tensor, length: int) -> torch.Tensor:
@@ -227,5 +242,6 @@ def validate_ratio(compression_ratio: float, press_name: str) -> None:
     """One-line error for a compression ratio outside [0, 1)."""
     if not isinstance(compression_ratio, (int, float)) or not 0 <= compression_ratio < 1:
         raise PressError(
-            f"{press_name}: compression_ratio must be in [0, 1) (fraction of KV pairs removed), got {compression_ratio!r}"
+            f"{press_name}: compression_ratio must be in [0, 1) (fraction of KV pairs removed), "
+            f"got {compression_ratio!r}"
         )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 import sys
-from functools import lru_cache
+from functools import cache
 
 import torch
 import transformers
@@ -25,7 +25,7 @@ TRANSFORMERS_VERSION = Version(transformers.__version__)
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3", "gemma3_text")
 
 
-@lru_cache(maxsize=None)
+@cache
 def attention_cache_kwarg() -> str:
     """Name of the cache argument of the attention modules: ``cache`` from 5.24, ``past_key_values`` before."""
     from transformers.models.llama.modeling_llama import LlamaAttention

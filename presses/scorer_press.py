@@ -47,5 +47,7 @@ class ScorerPress(BasePress):
     def compress(self, layer: LayerInputs) -> torch.Tensor:
         if not layer.is_prefill or self.compression_ratio == 0:
             return layer.evicted
-        n_keep = self.n_kept(layer.k_len, layer.module.layer_idx)
+        # Relative to what is still kept, so that presses composed in sequence compound.
+        kept_now = int((~layer.evicted).sum(-1).max())
+        n_keep = self.n_kept(kept_now, layer.module.layer_idx)
         return keep_top_scores(self.scores_for(layer), n_keep, layer.evicted)

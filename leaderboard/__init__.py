@@ -1,0 +1,1 @@
+"""Static leaderboard site (accuracy versus compression), built from results/."""

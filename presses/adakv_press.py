@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from presses.base_press import BasePress, LayerInputs, validate_ratio
+from presses.scorer_press import ScorerPress
+
+
+@dataclass
+class AdaKVPress(BasePress):
+    """Head-wise budgets over any scorer: remove the layer's lowest-scoring pairs across all its heads together.
+
+    Feng et al., "Ada-KV: Optimizing KV Cache Eviction by Adaptive Budget Allocation for Efficient LLM Inference",
+    arXiv 2407.11550. The layer removes ``int(heads * k_len * compression_ratio)`` pairs chosen jointly over
+    heads, so heads with flat scores lose more than heads with peaked ones. As in kvpress, a safeguard keeps the top
+    ``alpha_safeguard`` fraction of each head's uniform budget, so no head is emptied. Evictions are ragged across
+    heads; they are applied as per-head attention masks.
+    """
+
+    press: ScorerPress = None
+    alpha_safeguard: float = 0.20
+    knob: ClassVar[str | None] = "compression_ratio"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.press, ScorerPress):
+            raise TypeError(f"AdaKVPress wraps a ScorerPress, got {type(self.press).__name__}")
+        if not 0 <= self.alpha_safeguard <= 1:
+            raise ValueError(f"alpha_safeguard must be in [0, 1], got {self.alpha_safeguard}")
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.press.compression_ratio
+
+    @compression_ratio.setter
+    def compression_ratio(self, value: float) -> None:
+        validate_ratio(value, type(self).__name__)
+        self.press.compression_ratio = value
+
+    def children(self) -> list[BasePress]:
+        return [self.press]
+
+    def post_init_from_model(self, model: nn.Module, tokenizer=None) -> None:
+        self.press.post_init_from_model(model, tokenizer)
+
+    def compress(self, layer: LayerInputs) -> torch.Tensor:
+        if not layer.is_prefill or self.compression_ratio == 0:
+            return layer.evicted
+        scores = self.press.scores_for(layer).float()
+        batch, heads, k_len = scores.shape
+        n_kept_per_head = self.press.n_kept(k_len, layer.module.layer_idx)
+        n_safe = max(1, int(n_kept_per_head * self.alpha_safeguard))
+        safe = scores.topk(min(n_safe, k_len), dim=-1).indices
+        scores = scores.scatter(-1, safe, float("inf"))
+        n_removed = heads * (k_len - n_kept_per_head)
+        removed = scores.reshape(batch, -1).topk(n_removed, dim=-1, largest=False).indices
+        evicted = torch.zeros(batch, heads * k_len, dtype=torch.bool, device=scores.device)
+        evicted.scatter_(-1, removed, True)
+        return evicted.view(batch, heads, k_len) | layer.evicted

@@ -1,0 +1,48 @@
+"""The kv-press-text-generation pipeline: kvpress's prompt protocol on a tiny model with an offline tokenizer."""
+
+from __future__ import annotations
+
+import torch
+from conftest import make_model, make_tokenizer
+from transformers import pipeline
+
+from presses import KnormPress, NoPress, encode_prompt
+
+CONTEXT = "the grass is green . the sky is blue . the magic number for sun is 7 . " * 6
+
+
+def test_pipeline_without_press_matches_plain_generation_of_the_full_prompt():
+    model, tokenizer = make_model("qwen3", vocab_size=64), make_tokenizer()
+    pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer, device="cpu")
+    answer = pipe(CONTEXT, question="what is the magic number for sun ?", answer_prefix="answer :",
+                  press=NoPress(), max_new_tokens=8)["answer"]
+    parts = encode_prompt(tokenizer, CONTEXT, ["what is the magic number for sun ?"], "answer :")
+    full = torch.cat([parts.context_ids, parts.question_ids[0]], dim=1)
+    generated = model.generate(full, max_new_tokens=8, do_sample=False, eos_token_id=tokenizer.eos_token_id)
+    assert answer == tokenizer.decode(generated[0, full.shape[1]:].tolist(), skip_special_tokens=True)
+    assert isinstance(answer, str)
+
+
+def test_pipeline_answers_several_questions_from_one_compressed_context():
+    model, tokenizer = make_model("llama", vocab_size=64), make_tokenizer()
+    pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer, device="cpu")
+    questions = ["what is the magic number ?", "what is blue ?", "repeat the text"]
+    out = pipe(CONTEXT, questions=questions, press=KnormPress(compression_ratio=0.5), max_new_tokens=5)
+    assert list(out) == ["answers"] and len(out["answers"]) == 3
+    single = pipe(CONTEXT, question=questions[1], press=KnormPress(compression_ratio=0.5), max_new_tokens=5)
+    assert single["answer"] == out["answers"][1]
+
+
+def test_chat_template_split_puts_question_after_the_compressed_context():
+    tokenizer = make_tokenizer()
+    parts = encode_prompt(tokenizer, "the sky is blue", ["what is blue ?"], "answer :")
+    context = tokenizer.decode(parts.context_ids[0].tolist())
+    question = tokenizer.decode(parts.question_ids[0][0].tolist())
+    assert context.startswith("<|im_start|> user the sky is blue")
+    assert "<|im_end|>" not in context
+    assert question.startswith("what is blue ?") and "<|im_start|> assistant" in question
+    assert question.rstrip().endswith("answer :")
+    plain = encode_prompt(make_tokenizer(chat_template=False), "the sky", ["what ?"], "")
+    assert tokenizer.decode(plain.context_ids[0].tolist()).startswith("<s>")
+    aware = encode_prompt(tokenizer, "the sky is blue\n", ["what is blue ?"], "", query_aware=True)
+    assert "what is blue" in tokenizer.decode(aware.context_ids[0].tolist())

@@ -1,0 +1,351 @@
+"""Every registered press on tiny random Llama and Qwen3 models: runs, compresses as asked, never empties a head."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from conftest import make_model, random_ids
+from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
+
+from presses import (
+    PRESSES,
+    AdaKVPress,
+    DMSPress,
+    GenerationSettings,
+    KnormPress,
+    KVzapConfig,
+    KVzapModel,
+    NoPress,
+    PressError,
+    answer_questions,
+    build_press,
+)
+from presses.compat import model_cache_kwarg
+
+RATIO_PRESSES = [name for name, spec in sorted(PRESSES.items()) if spec.knob == "compression_ratio"]
+THRESHOLD_PRESSES = [name for name, spec in sorted(PRESSES.items()) if spec.knob == "threshold"]
+NO_KNOB_PRESSES = [name for name, spec in sorted(PRESSES.items()) if spec.knob is None]
+
+
+@functools.cache
+def cached_model(architecture: str, attn_implementation: str = "sdpa"):
+    return make_model(architecture, attn_implementation)
+
+
+@functools.cache
+def surrogate_dir(architecture: str, model_type: str, root: str) -> str:
+    config = cached_model(architecture).config
+    hidden_dim = None if model_type == "linear" else config.hidden_size // 8
+    torch.manual_seed(1)
+    surrogate = KVzapModel(KVzapConfig(input_dim=config.hidden_size, output_dim=config.num_key_value_heads,
+                                       n_modules=config.num_hidden_layers, hidden_dim=hidden_dim))
+    path = f"{root}/kvzap-{architecture}-{model_type}"
+    surrogate.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def surrogate_root(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("surrogates"))
+
+
+def make_press(name: str, architecture: str, root: str, **knob):
+    extra = {}
+    if name.startswith("kvzap"):
+        extra["checkpoint"] = surrogate_dir(architecture, "linear" if name == "kvzap_linear" else "mlp", root)
+    return build_press(name, **knob, **extra)
+
+
+def model_for(name: str, architecture: str):
+    return cached_model(architecture, "eager" if name == "observed_attention" else "sdpa")
+
+
+def kept_per_head(press, model) -> list[torch.Tensor]:
+    masks = [press.evicted_mask(i) for i in range(model.config.num_hidden_layers)]
+    return [(~mask).sum(-1) for mask in masks if mask is not None]
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen3"])
+@pytest.mark.parametrize("name", RATIO_PRESSES)
+def test_ratio_press_achieves_requested_ratio_and_generates(name, architecture, tokenizer, surrogate_root):
+    model = model_for(name, architecture)
+    ids = random_ids(200)
+    for ratio in (0.25, 0.75):
+        press = make_press(name, architecture, surrogate_root, compression_ratio=ratio)
+        with press(model, tokenizer):
+            out = model.generate(ids, max_new_tokens=4, do_sample=False)
+        assert 200 < out.shape[1] <= 204  # a random model may hit its end-of-sequence token early
+        assert abs(press.achieved_compression_ratio - ratio) <= 0.01, (name, ratio, press.achieved_compression_ratio)
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen3"])
+@pytest.mark.parametrize("name", THRESHOLD_PRESSES)
+def test_threshold_press_compression_grows_with_threshold(name, architecture, tokenizer, surrogate_root):
+    model = model_for(name, architecture)
+    ids = random_ids(400)
+    achieved = []
+    for threshold in (-50.0, -0.2, 0.0, 0.2, 50.0):
+        press = make_press(name, architecture, surrogate_root, threshold=threshold)
+        with press(model, tokenizer):
+            model.generate(ids, max_new_tokens=3, do_sample=False)
+        achieved.append(press.achieved_compression_ratio)
+    assert achieved == sorted(achieved), achieved
+    assert achieved[0] == 0.0
+    # Everything outside the 128-token window goes at a huge threshold.
+    assert achieved[-1] == pytest.approx((400 - 128) / 400)
+
+
+@pytest.mark.parametrize("name", NO_KNOB_PRESSES)
+def test_presses_without_knob_run(name, tokenizer, surrogate_root):
+    model = cached_model("qwen3")
+    kwargs = {"compression_interval": 4, "target_size": 32} if name.startswith("decoding") else {}
+    press = make_press(name, "qwen3", surrogate_root, **kwargs)
+    answers, _ = answer_questions(model, tokenizer, random_ids(64), [random_ids(5, seed=1)], press,
+                                  GenerationSettings(max_new_tokens=12))
+    assert len(answers[0].token_ids) == 12
+    if name.startswith("decoding"):
+        # Compressed every 4 steps down to 32 pairs per head; at most 3 steps since the last compression.
+        assert all(int(k.max()) <= 32 + 3 for k in kept_per_head(press, model))
+        assert press.achieved_compression_ratio > 0.4
+    else:
+        assert press.achieved_compression_ratio == 0.0
+
+
+def test_knob_is_declared_by_every_press():
+    for name, spec in PRESSES.items():
+        assert spec.knob in ("compression_ratio", "threshold", None), name
+    assert {"kvzap_mlp", "kvzap_linear"} <= set(THRESHOLD_PRESSES)
+    assert {"knorm", "snapkv", "kvzap_mlp_head", "kvzap_mlp_layer", "adakv_snapkv"} <= set(RATIO_PRESSES)
+
+
+@pytest.mark.parametrize("context_length", [1, 10, 200])
+@pytest.mark.parametrize("name", RATIO_PRESSES + THRESHOLD_PRESSES)
+def test_short_contexts_never_empty_a_head(name, context_length, tokenizer, surrogate_root):
+    model = model_for(name, "qwen3")
+    knob = {"threshold": 1e6} if name in THRESHOLD_PRESSES else {"compression_ratio": 0.95}
+    press = make_press(name, "qwen3", surrogate_root, **knob)
+    with press(model, tokenizer):
+        model.generate(random_ids(context_length), max_new_tokens=2, do_sample=False)
+    kept = kept_per_head(press, model)
+    assert kept and all(int(k.min()) >= 1 for k in kept)
+
+
+def test_no_press_output_equals_plain_model():
+    model = cached_model("llama")
+    ids = random_ids(50)
+    plain = model.generate(ids, max_new_tokens=10, do_sample=False)
+    with NoPress()(model):
+        pressed = model.generate(ids, max_new_tokens=10, do_sample=False)
+    assert torch.equal(plain, pressed)
+    with torch.no_grad():
+        reference = model(ids).logits
+        with NoPress()(model):
+            logits = model(ids).logits
+    assert torch.equal(reference, logits)
+
+
+def test_press_changes_generation_and_hooks_are_removed():
+    model = cached_model("qwen3")
+    ids = random_ids(100)
+    plain = model.generate(ids, max_new_tokens=10, do_sample=False)
+    press = KnormPress(compression_ratio=0.9)
+    with press(model):
+        pressed = model.generate(ids, max_new_tokens=10, do_sample=False)
+    assert not torch.equal(plain, pressed)
+    attention = model.model.layers[0].self_attn
+    assert not attention._forward_hooks and not attention._forward_pre_hooks
+    with pytest.raises(RuntimeError, match="boom"):
+        with press(model):
+            raise RuntimeError("boom")
+    assert not attention._forward_hooks and not attention._forward_pre_hooks
+    assert torch.equal(model.generate(ids, max_new_tokens=10, do_sample=False), plain)
+
+
+def test_evicted_pairs_get_zero_attention_while_decoding():
+    """AdaKV evicts different pairs in each head; those pairs must receive exactly zero weight afterwards."""
+    model = cached_model("qwen3", "eager")
+    ids = random_ids(120)
+    press = AdaKVPress(KnormPress(compression_ratio=0.6))
+    cache = DynamicCache(config=model.config)
+    with press(model), torch.no_grad():
+        model(input_ids=ids, **{model_cache_kwarg(): cache})
+        out = model(input_ids=random_ids(3, seed=5), **{model_cache_kwarg(): cache}, output_attentions=True)
+    groups = model.config.num_attention_heads // model.config.num_key_value_heads
+    ragged = False
+    for layer_idx, weights in enumerate(out.attentions):  # (batch, heads, 3, 123)
+        evicted = press.evicted_mask(layer_idx)  # (batch, kv_heads, 120)
+        kept = (~evicted).sum(-1)
+        ragged |= bool((kept != kept[:, :1]).any())
+        per_query_head = evicted.repeat_interleave(groups, dim=1)[:, :, None, :].expand(-1, -1, 3, -1)
+        assert torch.all(weights[..., :120][per_query_head] == 0)
+        assert torch.all(weights[..., :120][~per_query_head] > 0)
+    assert ragged, "AdaKV should give heads different budgets"
+
+
+def test_sdpa_and_eager_agree_under_head_wise_eviction():
+    ids = random_ids(90)
+    outputs = []
+    for implementation in ("sdpa", "eager"):
+        model = cached_model("llama", implementation)
+        press = AdaKVPress(KnormPress(compression_ratio=0.5))
+        cache = DynamicCache(config=model.config)
+        with press(model), torch.no_grad():
+            model(input_ids=ids, **{model_cache_kwarg(): cache})
+            outputs.append(model(input_ids=random_ids(4, seed=2), **{model_cache_kwarg(): cache}).logits)
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-4, rtol=1e-4)
+
+
+def test_dms_sliding_window_is_never_evicted_in_prefill_or_decoding():
+    model = cached_model("qwen3")
+    ids = random_ids(100)
+    window = 16
+    press = DMSPress(KnormPress(), threshold=1e9, sliding_window_size=window, decoding=True)
+    cache = DynamicCache(config=model.config)
+    with press(model), torch.no_grad():
+        model(input_ids=ids, **{model_cache_kwarg(): cache})
+        for layer_idx in range(2):
+            mask = press.evicted_mask(layer_idx)
+            assert mask[..., : 100 - window].all() and not mask[..., 100 - window :].any()
+        token = random_ids(1, seed=3)
+        for step in range(1, 11):
+            model(input_ids=token, **{model_cache_kwarg(): cache})
+            for layer_idx in range(2):
+                mask = press.evicted_mask(layer_idx)
+                assert mask.shape[-1] == 100 + step
+                # Tokens leaving the window are evicted one by one; the window itself never is.
+                assert mask[..., : 100 + step - window].all() and not mask[..., 100 + step - window :].any()
+
+
+def test_dms_without_decoding_only_prunes_the_context():
+    model = cached_model("qwen3")
+    press = DMSPress(KnormPress(), threshold=1e9, sliding_window_size=16, decoding=False)
+    with press(model):
+        model.generate(random_ids(100), max_new_tokens=30, do_sample=False)
+    assert press.evicted_mask(0).shape[-1] == 100
+    assert press.achieved_compression_ratio == pytest.approx(84 / 100)
+
+
+def test_random_press_and_sampling_are_reproducible_with_a_seed(tokenizer):
+    model = cached_model("llama")
+    settings = GenerationSettings(max_new_tokens=15, do_sample=True, temperature=0.8, top_p=0.9, top_k=20, seed=7)
+    runs = []
+    for _ in range(2):
+        press = build_press("random", compression_ratio=0.5, seed=3)
+        answers, ratio = answer_questions(model, tokenizer, random_ids(80), [random_ids(4, seed=9)], press, settings)
+        runs.append((answers[0].token_ids, ratio, press.evicted_mask(1).clone()))
+    assert runs[0][0] == runs[1][0] and runs[0][1] == runs[1][1]
+    assert torch.equal(runs[0][2], runs[1][2])
+    other = GenerationSettings(max_new_tokens=15, do_sample=True, temperature=0.8, top_p=0.9, top_k=20, seed=8)
+    answers, _ = answer_questions(model, tokenizer, random_ids(80), [random_ids(4, seed=9)],
+                                  build_press("random", compression_ratio=0.5, seed=3), other)
+    assert answers[0].token_ids != runs[0][0]
+
+
+def test_questions_sharing_a_context_see_the_same_compressed_cache(tokenizer):
+    """Answering [q1, q2] must give the same answer to q2 as answering [q2] alone, even with decoding DMS."""
+    model = cached_model("qwen3")
+    context, q1, q2 = random_ids(150), random_ids(6, seed=1), random_ids(6, seed=2)
+    settings = GenerationSettings(max_new_tokens=20)
+
+    def press():
+        return DMSPress(KnormPress(), threshold=-3.0, sliding_window_size=8, decoding=True)
+
+    both, ratio_both = answer_questions(model, tokenizer, context, [q1, q2], press(), settings)
+    alone, ratio_alone = answer_questions(model, tokenizer, context, [q2], press(), settings)
+    assert both[1].token_ids == alone[0].token_ids
+    assert ratio_both == ratio_alone
+
+
+def test_bf16_runs_on_cpu(surrogate_root, tokenizer):
+    model = make_model("qwen3", dtype=torch.bfloat16)
+    for press in (KnormPress(compression_ratio=0.5), AdaKVPress(KnormPress(compression_ratio=0.5)),
+                  make_press("kvzap_mlp", "qwen3", surrogate_root, threshold=0.0)):
+        with press(model, tokenizer):
+            out = model.generate(random_ids(200), max_new_tokens=5, do_sample=False)
+        assert 200 < out.shape[1] <= 205
+        assert press.achieved_compression_ratio > 0
+
+
+@pytest.mark.parametrize("architecture", ["mistral", "qwen2", "phi3", "gemma3"])
+def test_other_supported_architectures(architecture):
+    model = make_model(architecture)
+    for press in (AdaKVPress(KnormPress(compression_ratio=0.5)), build_press("snapkv", compression_ratio=0.5),
+                  DMSPress(KnormPress(), threshold=0.0, sliding_window_size=8, decoding=True)):
+        with press(model):
+            out = model.generate(random_ids(100), max_new_tokens=5, do_sample=False)
+        assert 100 < out.shape[1] <= 105 and press.achieved_compression_ratio > 0
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Bad input: one-line errors that say what to do.
+
+
+def one_line(error: pytest.ExceptionInfo) -> str:
+    message = str(error.value)
+    assert "\n" not in message
+    return message
+
+
+def test_unknown_press_lists_close_matches():
+    with pytest.raises(PressError) as error:
+        build_press("knrom", compression_ratio=0.5)
+    message = one_line(error)
+    assert "unknown press 'knrom'" in message and "did you mean knorm" in message and "snapkv" in message
+
+
+@pytest.mark.parametrize("ratio", [1.0, -0.1, 1.5])
+def test_ratio_out_of_range(ratio):
+    with pytest.raises(PressError) as error:
+        build_press("knorm", compression_ratio=ratio)
+    assert "[0, 1)" in one_line(error)
+    with pytest.raises(PressError):
+        AdaKVPress(KnormPress()).compression_ratio = ratio
+
+
+def test_knob_given_to_the_wrong_kind_of_press():
+    with pytest.raises(PressError) as error:
+        build_press("knorm", threshold=-4)
+    assert "takes --compression_ratio, not --threshold" in one_line(error)
+    with pytest.raises(PressError) as error:
+        build_press("kvzap_mlp", compression_ratio=0.5)
+    assert "takes --threshold, not --compression_ratio" in one_line(error)
+    with pytest.raises(PressError) as error:
+        build_press("decoding_knorm", compression_ratio=0.5)
+    assert "takes neither" in one_line(error)
+
+
+def test_unsupported_architecture():
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(PressError) as error:
+        with KnormPress(compression_ratio=0.5)(model):
+            pass
+    assert "unsupported architecture 'gpt2'" in one_line(error)
+
+
+def test_observed_attention_needs_eager():
+    model = cached_model("qwen3", "sdpa")
+    with pytest.raises(PressError) as error:
+        with build_press("observed_attention", compression_ratio=0.5)(model):
+            model(random_ids(20))
+    assert "eager" in one_line(error)
+
+
+def test_missing_kvzap_surrogate_says_how_to_get_one(tmp_path):
+    model = cached_model("qwen3")
+    with pytest.raises(PressError) as error:
+        with build_press("kvzap_mlp", threshold=-4, checkpoint=str(tmp_path / "missing"))(model):
+            pass
+    message = one_line(error)
+    assert "no KVzap surrogate" in message and "checkpoint=" in message and "train" in message
+
+
+def test_kvzap_surrogate_of_another_model_is_rejected(surrogate_root):
+    other = KVzapModel(KVzapConfig(input_dim=32, output_dim=2, n_modules=2, hidden_dim=None))
+    path = f"{surrogate_root}/wrong-shape"
+    other.save_pretrained(path)
+    with pytest.raises(PressError) as error:
+        with build_press("kvzap_linear", threshold=-4, checkpoint=path)(cached_model("qwen3")):
+            pass
+    assert "(layers, hidden size, kv heads) = (2, 32, 2)" in one_line(error)
