@@ -26,10 +26,12 @@ def smoke(context_length: int = 512, compression_ratio: float = 0.5, threshold: 
 
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers.utils import logging as transformers_logging
 
     from presses import KVzapConfig, KVzapModel
     from presses.generation import GenerationSettings, answer_questions
 
+    transformers_logging.disable_progress_bar()
     torch.manual_seed(seed)
     config = Qwen3Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096)

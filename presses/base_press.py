@@ -202,7 +202,8 @@ class BasePress:
             evicted = _pad_positions(state["evicted"], k_len)
         attentions = output[1] if isinstance(output, tuple) and len(output) > 1 else None
         layer = LayerInputs(module, hidden_states, keys, values, attentions, evicted, kwargs)
-        new_evicted = self.compress(layer)
+        with torch.no_grad():  # eviction decisions are not differentiable
+            new_evicted = self.compress(layer)
         if new_evicted.shape != evicted.shape or bool((evicted & ~new_evicted).any()):
             raise RuntimeError(f"{type(self).__name__}.compress must keep earlier evictions and the mask shape")
         state["evicted"] = new_evicted

@@ -120,6 +120,7 @@ def head_dim(module: nn.Module) -> int:
 def query_states(module: nn.Module, hidden_states: torch.Tensor, position_embeddings) -> torch.Tensor:
     """Queries of ``hidden_states`` with RoPE applied, shape (batch, num_heads, q_len, head_dim).
 
+    ``position_embeddings`` = (cos, sin) for these positions; None returns the queries before RoPE.
     Handles the fused ``qkv_proj`` of Phi3 and the per-head ``q_norm`` of Qwen3 and Gemma3.
     """
     batch, q_len, _ = hidden_states.shape
@@ -132,6 +133,8 @@ def query_states(module: nn.Module, hidden_states: torch.Tensor, position_embedd
     if hasattr(module, "q_norm"):
         queries = module.q_norm(queries)
     queries = queries.transpose(1, 2)
+    if position_embeddings is None:
+        return queries
     cos, sin = position_embeddings
     # Each modeling file defines its own RoPE (Phi3 rotates only part of the head): use the model's.
     apply_rotary_pos_emb = sys.modules[type(module).__module__].apply_rotary_pos_emb
