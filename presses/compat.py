@@ -77,6 +77,12 @@ def cache_from_kwargs(kwargs: dict):
     return cache
 
 
+def cache_from_output(output):
+    """The cache a model forward returned (``cache`` from 5.24, ``past_key_values`` before), or None."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
 def hidden_states_from(args: tuple, kwargs: dict) -> torch.Tensor:
     """Hidden states entering the attention module, shape (batch, q_len, hidden_size)."""
     return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
