@@ -46,3 +46,23 @@ def test_chat_template_split_puts_question_after_the_compressed_context():
     assert tokenizer.decode(plain.context_ids[0].tolist()).startswith("<s>")
     aware = encode_prompt(tokenizer, "the sky is blue\n", ["what is blue ?"], "", query_aware=True)
     assert "what is blue" in tokenizer.decode(aware.context_ids[0].tolist())
+
+
+def test_model_card_usage_from_a_local_model_directory(tmp_path):
+    """The KVzap model card's code, with a local directory in place of the hub name."""
+    from presses import DMSPress, KVzapConfig, KVzapModel, KVzapPress
+
+    make_model("qwen3", vocab_size=64).save_pretrained(tmp_path)
+    make_tokenizer().save_pretrained(tmp_path)
+    # A surrogate shipped beside the model is found without naming it.
+    KVzapModel(KVzapConfig(input_dim=64, output_dim=2, n_modules=2, hidden_dim=8)).save_pretrained(
+        tmp_path / "kvzap-mlp")
+    pipe = pipeline("kv-press-text-generation", model=str(tmp_path), dtype="auto")
+    # The card uses -4 for Qwen3-8B; this random surrogate scores near 0, so a higher cut evicts something.
+    press = DMSPress(KVzapPress(model_type="mlp"), threshold=10)
+    press.decoding = False
+    answer = pipe(CONTEXT * 3, question="what is green ?", press=press, max_new_tokens=5)["answer"]
+    assert isinstance(answer, str)
+    assert press.achieved_compression_ratio > 0
+    press.decoding = True
+    assert isinstance(pipe("what is blue ?", press=press, enable_thinking=True, max_new_tokens=5)["answer"], str)

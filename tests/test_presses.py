@@ -258,8 +258,9 @@ def test_questions_sharing_a_context_see_the_same_compressed_cache(tokenizer):
     assert ratio_both == ratio_alone
 
 
-def test_bf16_runs_on_cpu(surrogate_root, tokenizer):
-    model = make_model("qwen3", dtype=torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_runs_on_cpu(dtype, surrogate_root, tokenizer):
+    model = make_model("qwen3", dtype=dtype)
     for press in (KnormPress(compression_ratio=0.5), AdaKVPress(KnormPress(compression_ratio=0.5)),
                   make_press("kvzap_mlp", "qwen3", surrogate_root, threshold=0.0)):
         with press(model, tokenizer):
