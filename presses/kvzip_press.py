@@ -1,3 +1,10 @@
+"""KVzip and KVzip+: keep the pairs the model attends to when it is asked to repeat its context.
+
+Kim et al., "KVzip: Query-Agnostic KV Cache Compression with Context Reconstruction", arXiv 2505.23416; the KVzip+
+normalisation is from KVzap (Jegou et al., arXiv 2601.07891), whose log is the KVzap training target.
+:func:`kvzip_scores` is the per-layer score, reusable outside the press (e.g. to collect KVzip+ targets).
+"""
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -15,13 +22,14 @@ from presses.errors import PressError
 REPEAT_FIRST_CHUNK = "\n\nRepeat the previous context exactly."
 REPEAT_NEXT_CHUNK = "\n\nRepeat the part of the previous context exactly, starting with"
 OVERLAP_TOKENS = 8  # tokens of the previous chunk quoted to say where the repetition starts
+TOKENIZER_ERROR = "kvzip needs the model's tokenizer: call press(model, tokenizer)"
 
 
 def value_output_norms(module: nn.Module, values: torch.Tensor) -> torch.Tensor:
-    """``||W_o^h v_i||`` for every query head h and position i: (batch, num_heads, n).
+    """``||W_o^h v_i||`` for every query head h and position i, float32: (batch, num_heads, n).
 
-    ``values`` is (batch, kv_heads, n, head_dim). Computed through the per-head Gram matrix of ``o_proj`` so the
-    (n, hidden) products are never materialised.
+    ``values`` is (batch, kv_heads, n, head_dim) and ``W_o^h`` the head-h slice (head_dim, hidden) of ``o_proj``.
+    Computed through the per-head Gram matrix ``W_o^h W_o^h^T`` so no (n, hidden) product is materialised.
     """
     per_head = compat.output_projection_per_head(module).float()  # (heads, head_dim, hidden)
     gram = per_head @ per_head.transpose(1, 2)  # (heads, head_dim, head_dim)
@@ -30,62 +38,96 @@ def value_output_norms(module: nn.Module, values: torch.Tensor) -> torch.Tensor:
     return squared.clamp_min(0).sqrt()
 
 
-def reconstruction_scores(
+def kvzip_scores(
     module: nn.Module,
-    hidden_states: torch.Tensor,
-    position_embeddings,
+    query_hidden_states: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
     keys: torch.Tensor,
     values: torch.Tensor,
-    scored: slice,
-    sinks: int,
-    plus_normalization: bool,
+    key_slice: slice,
+    plus_normalization: bool = False,
+    n_sink: int = 0,
 ) -> torch.Tensor:
-    """KVzip score of the cached pairs in ``scored`` from the queries of a repeat prompt: (batch, kv_heads, n).
+    """KVzip(+) score of the cached pairs in ``key_slice``, float32: (batch, kv_heads, n_keys).
 
-    ``hidden_states`` (batch, R, hidden) are the repeat prompt's attention inputs; ``keys``/``values`` are the
-    layer's whole cache, whose last R positions are the repeat prompt itself. As in KVzip, the softmax runs over a
-    reduced key set: the first ``sinks`` positions, the ``scored`` chunk and the repeat prompt (causal inside it).
-    KVzip keeps the attention weight; KVzip+ multiplies it by ``||W_o^h v_i|| / ||x_q||``. The score of a pair is
-    the max over repeat queries and over the query heads of its KV group.
+    ``query_hidden_states`` (batch, R, hidden) are the attention inputs (after the input norm) of R queries whose
+    own keys are the last R positions of ``keys``/``values`` (batch, kv_heads, k_len, head_dim; keys with RoPE);
+    ``position_embeddings`` is the (cos, sin) pair of those R positions. ``key_slice`` must end before them.
+
+    As in KVzip (reference.md section 5) the softmax runs over a reduced key set: the first ``min(n_sink, start)``
+    positions, the ``key_slice`` positions and the R query positions themselves (causal among them); logits are
+    ``q.k * module.scaling``. KVzip keeps the attention weight a_ji; KVzip+ uses ``a_ji * ||W_o^h v_i|| / ||x_j||``
+    (no log). The score of pair i is the max over the R queries and over the query heads of its KV group.
+    With ``key_slice = slice(0, k_len - R)`` the key set is the whole causal prefix, i.e. the plain attention.
+    Memory: one (batch, group, R, n_sink + n_keys + R) float32 block at a time (one KV head at a time).
     """
     batch, kv_heads, k_len, _ = keys.shape
-    repeat = hidden_states.shape[1]
+    n_queries = query_hidden_states.shape[1]
+    start, stop, step = key_slice.indices(k_len)
+    if step != 1 or stop > k_len - n_queries or start > stop:
+        raise ValueError(f"key_slice {key_slice} must be a contiguous range before the {n_queries} query positions")
+    n_keys = stop - start
+    sinks = min(n_sink, start)
+    device = keys.device
     index = torch.cat([
-        torch.arange(sinks, device=keys.device),
-        torch.arange(scored.start, scored.stop, device=keys.device),
-        torch.arange(k_len - repeat, k_len, device=keys.device),
+        torch.arange(sinks, device=device),
+        torch.arange(start, stop, device=device),
+        torch.arange(k_len - n_queries, k_len, device=device),
     ])
     groups = compat.num_key_value_groups(module)
-    queries = compat.query_states(module, hidden_states, position_embeddings).float()
-    selected_keys = keys[:, :, index].float().repeat_interleave(groups, dim=1)
-    logits = queries @ selected_keys.transpose(2, 3) * module.scaling  # (batch, heads, R, n_keys)
-    n_before = index.shape[0] - repeat
-    causal = torch.ones(repeat, repeat, dtype=torch.bool, device=keys.device).triu(1)
-    logits[..., n_before:] = logits[..., n_before:].masked_fill(causal, float("-inf"))
-    weights = torch.softmax(logits, dim=-1)
-    chunk = slice(sinks, sinks + scored.stop - scored.start)
-    weights = weights[..., chunk]  # (batch, heads, R, chunk_len)
+    queries = compat.query_states(module, query_hidden_states, position_embeddings).float()
+    queries = queries.view(batch, kv_heads, groups, n_queries, -1)
+    future = torch.ones(n_queries, n_queries, dtype=torch.bool, device=device).triu(1)
     if plus_normalization:
-        norms = value_output_norms(module, values[:, :, scored])  # (batch, heads, chunk_len)
-        query_norms = hidden_states.float().norm(dim=-1)  # (batch, R)
-        weights = weights * norms[:, :, None, :] / query_norms[:, None, :, None]
-    scores = weights.amax(dim=2)  # over repeat queries
-    return scores.view(batch, kv_heads, groups, -1).amax(dim=2)  # over the query heads of each KV group
+        output_norms = value_output_norms(module, values[:, :, start:stop]).view(batch, kv_heads, groups, 1, n_keys)
+        inverse_query_norms = query_hidden_states.float().norm(dim=-1).reciprocal()[:, None, :, None]  # (b, 1, R, 1)
+    scores = torch.empty(batch, kv_heads, n_keys, dtype=torch.float32, device=device)
+    for head in range(kv_heads):
+        selected = keys[:, head, index].float()  # (batch, n_sink + n_keys + R, head_dim)
+        logits = torch.einsum("bgrd,bnd->bgrn", queries[:, head], selected) * module.scaling
+        logits[..., -n_queries:].masked_fill_(future, float("-inf"))
+        weights = torch.softmax(logits, dim=-1)[..., sinks : sinks + n_keys]  # (batch, group, R, n_keys)
+        if plus_normalization:
+            weights = weights * output_norms[:, head] * inverse_query_norms
+        scores[:, head] = weights.amax(dim=(1, 2))
+    return scores
+
+
+def chat_template_pieces(tokenizer) -> tuple[int, list[int]]:
+    """Token count of the chat-template text before a user message, and the ids that close it and open the answer.
+
+    Derived once from a dummy user turn (reference.md section 5 step 2). Without a chat template: no prefix and
+    the suffix "\\n" (as kvpress).
+    """
+    if getattr(tokenizer, "chat_template", None) is None:
+        return 0, tokenizer.encode("\n", add_special_tokens=False)
+    dummy, separator = "dummy context", "\n" + "#" * len("dummy context")
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": dummy + separator}],
+        add_generation_prompt=True,
+        tokenize=False,
+        enable_thinking=False,
+    )
+    before, suffix = text.split(separator, 1)
+    prefix = before.split(dummy)[0]
+    return len(tokenizer.encode(prefix, add_special_tokens=False)), tokenizer.encode(suffix, add_special_tokens=False)
 
 
 @dataclass
 class KVzipPress(BasePress):
-    """Query-agnostic oracle: keep the pairs the model attends to when asked to repeat its context.
+    """Query-agnostic oracle: evict the pairs least attended to while the model repeats its context.
 
-    Kim et al., "KVzip: Query-Agnostic KV Cache Compression with Context Reconstruction", arXiv 2505.23416;
-    ``kvzip_plus_normalization`` adds KVzap's normalisation (Jegou et al., arXiv 2601.07891), whose log is the KVzap
-    training target. After a dense prefill the context is repeated chunk by chunk (``chunk_size`` tokens, each
-    chunk after the first quoting the previous chunk's last 8 tokens); each chunk's repeat prompt runs through the
-    model on top of the context's cache, scores are read from its attention, and the cache is cut back. Then the
-    lowest-scoring ``compression_ratio`` of all pairs is evicted, globally over layers and heads (or per layer with
-    ``layerwise``). The first ``n_sink`` positions score 1.0 (kept); chat-template positions before the context
-    score 0 (pruned first). Follows kvpress's KVzipPress. Deviations: softmax in float32 (kvpress uses the model
-    dtype), and every head keeps at least one pair. Batch size 1; needs the tokenizer for the repeat prompt.
+    Kim et al., arXiv 2505.23416; ``kvzip_plus_normalization`` is KVzip+ (KVzap, arXiv 2601.07891). After a dense
+    prefill into an empty cache, the context (minus the chat-template prefix) is repeated ``chunk_size`` tokens at a
+    time: each repeat prompt (instruction, for later chunks quoting the previous chunk's last 8 tokens, then the
+    chat template's turn change, then the chunk) runs through the model on top of the context's cache, the chunk's
+    pairs are scored from every layer's inputs with :func:`kvzip_scores`, and the cache is cut back to the context.
+    Memory for the scoring is O(chunk_size), whatever the context length. Then the ``compression_ratio`` lowest
+    scores are evicted over all layers and heads at once (per layer with ``layerwise``). The first ``n_sink``
+    positions are always kept, chat-template prefix positions after them are evicted first, and every head keeps at
+    least one pair. Batch size 1; the tokenizer builds the repeat prompt. Deviations from kvpress: scores are
+    computed in float32 (kvpress: model dtype), sinks are kept even when they fall inside the first chunk (kvpress
+    then overwrites their score 1.0), and every head keeps a pair.
     """
 
     compression_ratio: float = 0.0
@@ -97,47 +139,61 @@ class KVzipPress(BasePress):
 
     def __post_init__(self) -> None:
         validate_ratio(self.compression_ratio, type(self).__name__)
-        if self.chunk_size < 1:
-            raise PressError(f"KVzipPress: chunk_size must be positive, got {self.chunk_size}")
+        if not isinstance(self.n_sink, int) or self.n_sink < 0:
+            raise PressError(f"KVzipPress: n_sink must be a non-negative integer, got {self.n_sink!r}")
+        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+            raise PressError(f"KVzipPress: chunk_size must be a positive integer, got {self.chunk_size!r}")
 
     def post_init_from_model(self, model: nn.Module, tokenizer=None) -> None:
+        modules = compat.attention_modules(model)
+        if len(modules) != len(compat.decoder_layers(model)):
+            raise PressError("kvzip cannot run on models with sliding-window layers (e.g. Gemma3): their cache "
+                             "cannot be cut back after the repeat pass; use another press")
         if tokenizer is None:
             try:
                 from transformers import AutoTokenizer
 
                 tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
-            except (OSError, ValueError):
-                raise PressError("kvzip needs the model's tokenizer for its repeat prompt: use "
-                                 "`with press(model, tokenizer)`") from None
-        self._model = model
+            except Exception:  # any failure to find a tokenizer gets the same one-line answer
+                raise PressError(TOKENIZER_ERROR) from None
+        self._base_model = model.model if hasattr(model, "model") else model
+        self._modules = modules
         self._prefix_length, self._suffix_ids = chat_template_pieces(tokenizer)
         self._first_instruction = tokenizer.encode(REPEAT_FIRST_CHUNK, add_special_tokens=False)
         self._next_instruction = tokenizer.encode(REPEAT_NEXT_CHUNK, add_special_tokens=False)
 
     @contextmanager
     def __call__(self, model: nn.Module, tokenizer=None) -> Iterator[KVzipPress]:
+        """The base hooks, plus a hook on the base model that scores and selects once a prefill is done."""
         self._scoring = False
         with super().__call__(model, tokenizer):
-            base = model.model if hasattr(model, "model") else model
-            handle = base.register_forward_hook(self._after_prefill, with_kwargs=True)
+            handle = self._base_model.register_forward_hook(self._after_prefill, with_kwargs=True)
             try:
                 yield self
             finally:
                 handle.remove()
 
     def compress(self, layer: LayerInputs) -> torch.Tensor:
-        return layer.evicted  # decided once the whole prefill is done, over all layers (see _after_prefill)
+        return layer.evicted  # decided over all layers at once, after the whole prefill (see _after_prefill)
 
     def _after_prefill(self, base: nn.Module, args: tuple, kwargs: dict, output) -> None:
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if self._scoring or self.compression_ratio == 0:
+            return
         cache = compat.cache_from_output(output)
-        if self._scoring or cache is None or input_ids is None or self.compression_ratio == 0:
+        if cache is None:
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if cache is None:
+            return
+        if input_ids is None:
+            if kwargs.get("inputs_embeds") is not None and cache.get_seq_length() == kwargs["inputs_embeds"].shape[1]:
+                raise PressError("kvzip needs the context's token ids to repeat it: call the model with input_ids")
             return
         context_length = cache.get_seq_length()
         if input_ids.shape[1] != context_length:
-            return  # not a prefill
+            return  # not a prefill into an empty cache (question tokens, decoding steps)
         if input_ids.shape[0] != 1:
-            raise PressError("kvzip scores one context at a time: use batch size 1")
+            raise PressError(f"kvzip scores one context at a time: use batch size 1, got {input_ids.shape[0]}")
         self._scoring = True
         try:
             scores = self._score_context(input_ids, cache, context_length)
@@ -146,77 +202,74 @@ class KVzipPress(BasePress):
         for layer_idx, evicted in self._select(scores).items():
             self.layer_state(layer_idx)["evicted"] = evicted
 
+    def _repeat_prompts(self, context_ids: list[int]) -> Iterator[tuple[slice, list[int]]]:
+        """(context positions scored, repeat prompt ids) for each chunk of the context after the template prefix."""
+        first = start = min(self._prefix_length, len(context_ids))
+        while start < len(context_ids):
+            stop = min(start + self.chunk_size, len(context_ids))
+            if start == first:
+                instruction = self._first_instruction
+            else:  # quote the previous chunk's last tokens (all of it if shorter than 8), as kvpress
+                instruction = self._next_instruction + context_ids[start - min(OVERLAP_TOKENS, self.chunk_size) : start]
+            yield slice(start, stop), instruction + self._suffix_ids + context_ids[start:stop]
+            start = stop
+
     @torch.no_grad()
     def _score_context(self, input_ids: torch.Tensor, cache, context_length: int) -> dict[int, torch.Tensor]:
-        modules = compat.attention_modules(self._model)
-        kv_heads = compat.text_config(self._model).num_key_value_heads
-        scores = {m.layer_idx: torch.zeros(1, kv_heads, context_length, device=input_ids.device) for m in modules}
-        for layer_scores in scores.values():
-            layer_scores[..., : self.n_sink] = 1.0
-        chunk_slot: dict[str, slice] = {}
+        """KVzip(+) scores of the context's pairs, per layer: (1, kv_heads, context_length) float32.
 
-        def score_hook(module: nn.Module, args: tuple, hook_kwargs: dict, out) -> None:
+        Positions before the first chunk (the chat-template prefix) score 0; sinks are handled by :meth:`_select`.
+        """
+        scores: dict[int, torch.Tensor] = {}
+        chunk: dict[str, slice] = {}
+
+        def score_hook(module: nn.Module, args: tuple, hook_kwargs: dict, output) -> None:
             keys, values = compat.keys_values(compat.cache_from_kwargs(hook_kwargs), module.layer_idx)
-            scored = chunk_slot["chunk"]
-            sinks = min(self.n_sink, scored.start)
-            scores[module.layer_idx][..., scored] = reconstruction_scores(
-                module, compat.hidden_states_from(args, hook_kwargs), hook_kwargs["position_embeddings"], keys,
-                values, scored, sinks, self.kvzip_plus_normalization)
+            if module.layer_idx not in scores:
+                scores[module.layer_idx] = keys.new_zeros((1, keys.shape[1], context_length), dtype=torch.float32)
+            scores[module.layer_idx][..., chunk["slice"]] = kvzip_scores(
+                module, compat.hidden_states_from(args, hook_kwargs), hook_kwargs["position_embeddings"],
+                keys, values, chunk["slice"], self.kvzip_plus_normalization, self.n_sink)
 
-        handles = [m.register_forward_hook(score_hook, with_kwargs=True) for m in modules]
+        handles = [module.register_forward_hook(score_hook, with_kwargs=True) for module in self._modules]
         try:
-            start = min(self._prefix_length, context_length)
-            while start < context_length:
-                stop = min(start + self.chunk_size, context_length)
-                chunk_slot["chunk"] = slice(start, stop)
-                if start == min(self._prefix_length, context_length):
-                    instruction = self._first_instruction
-                else:
-                    instruction = self._next_instruction + input_ids[0, start - OVERLAP_TOKENS : start].tolist()
-                repeat_ids = instruction + self._suffix_ids + input_ids[0, start:stop].tolist()
-                repeat = torch.tensor([repeat_ids], device=input_ids.device)
-                self._model(input_ids=repeat, **{compat.model_cache_kwarg(): cache}, use_cache=True)
+            for chunk["slice"], repeat_ids in self._repeat_prompts(input_ids[0].tolist()):
+                repeat = torch.tensor([repeat_ids], dtype=input_ids.dtype, device=input_ids.device)
+                self._base_model(input_ids=repeat, **{compat.model_cache_kwarg(): cache}, use_cache=True)
                 compat.crop_cache(cache, context_length)
-                start = stop
         finally:
             for handle in handles:
                 handle.remove()
+            compat.crop_cache(cache, context_length)
+        for module in self._modules:  # a context no longer than the template prefix has no chunk
+            if module.layer_idx not in scores:
+                keys, _ = compat.keys_values(cache, module.layer_idx)
+                scores[module.layer_idx] = keys.new_zeros((1, keys.shape[1], context_length), dtype=torch.float32)
         return scores
 
     def _select(self, scores: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-        """Evict the lowest scores: over all layers at once, or within each layer with ``layerwise``."""
+        """Evict the lowest scores over all layers at once, or within each layer with ``layerwise``.
+
+        ``int(n * compression_ratio)`` of the n pairs go (n over all layers, or per layer), fewer if that would
+        touch the first ``n_sink`` positions, which are always kept. Chat-template prefix positions after the sinks
+        go first; a head that lost every pair keeps its best one.
+        """
         layers = sorted(scores)
-        stacked = torch.stack([scores[i] for i in layers])  # (layers, 1, kv_heads, T)
-        groups = [stacked[i : i + 1] for i in range(len(layers))] if self.layerwise else [stacked]
+        device = scores[layers[0]].device
+        ranked = torch.stack([scores[i].to(device) for i in layers])  # (layers, 1, kv_heads, T)
+        ranked[..., self.n_sink : self._prefix_length] = float("-inf")
+        ranked[..., : self.n_sink] = float("inf")
+        groups = [ranked[i : i + 1] for i in range(len(layers))] if self.layerwise else [ranked]
         evicted = []
         for group in groups:
             flat = group.flatten()
-            n_removed = int(flat.numel() * self.compression_ratio)
+            candidates = (flat != float("inf")).nonzero().squeeze(1)
+            n_removed = min(int(flat.numel() * self.compression_ratio), candidates.numel())
             mask = torch.zeros_like(flat, dtype=torch.bool)
-            mask[flat.topk(n_removed, largest=False).indices] = True
+            mask[candidates[flat[candidates].topk(n_removed, largest=False).indices]] = True
             evicted.append(mask.view_as(group))
         evicted = torch.cat(evicted)
-        # A head that lost every pair keeps its best one.
         emptied = evicted.all(dim=-1, keepdim=True)
-        best = torch.zeros_like(evicted).scatter_(-1, stacked.argmax(dim=-1, keepdim=True), True)
+        best = torch.zeros_like(evicted).scatter_(-1, ranked.argmax(dim=-1, keepdim=True), True)
         evicted &= ~(emptied & best)
-        return {layer: evicted[i] for i, layer in enumerate(layers)}
-
-
-def chat_template_pieces(tokenizer) -> tuple[int, list[int]]:
-    """Token count of the chat-template text before a user message, and the ids that close it and open the answer.
-
-    Without a chat template: no prefix, suffix "\\n" (as kvpress).
-    """
-    if getattr(tokenizer, "chat_template", None) is None:
-        return 0, tokenizer.encode("\n", add_special_tokens=False)
-    separator = "#" * 13
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "dummy context\n" + separator}],
-        add_generation_prompt=True,
-        tokenize=False,
-        enable_thinking=False,
-    )
-    prefix = text.split("dummy context")[0]
-    suffix = text.split(separator)[-1]
-    return len(tokenizer.encode(prefix, add_special_tokens=False)), tokenizer.encode(suffix, add_special_tokens=False)
+        return {layer: evicted[i].to(scores[layer].device) for i, layer in enumerate(layers)}
