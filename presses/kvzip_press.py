@@ -122,7 +122,8 @@ class KVzipPress(BasePress):
     time: each repeat prompt (instruction, for later chunks quoting the previous chunk's last 8 tokens, then the
     chat template's turn change, then the chunk) runs through the model on top of the context's cache, the chunk's
     pairs are scored from every layer's inputs with :func:`kvzip_scores`, and the cache is cut back to the context.
-    Memory for the scoring is O(chunk_size), whatever the context length. Then the ``compression_ratio`` lowest
+    The scoring's extra memory depends on ``chunk_size`` only, not on the context length (the repeat forward
+    itself attends to the whole cache, like any chunked prefill). Then the ``compression_ratio`` lowest
     scores are evicted over all layers and heads at once (per layer with ``layerwise``). The first ``n_sink``
     positions are always kept, chat-template prefix positions after them are evicted first, and every head keeps at
     least one pair. Batch size 1; the tokenizer builds the repeat prompt. Deviations from kvpress: scores are
