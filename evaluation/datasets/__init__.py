@@ -1,0 +1,1 @@
+"""Benchmark datasets: loaders of the published copies and offline generators (RULER)."""
