@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -8,19 +9,34 @@ import torch.nn.functional as F
 from torch import nn
 
 from presses import compat
+from presses.errors import PressError
 from presses.scorer_press import ScorerPress
 
 
 @dataclass
 class ExpectedAttentionPress(ScorerPress):
-    """Score keys by the attention that future queries are expected to give them.
+    """Score each key by the attention that future queries are expected to pay it, times its value's norm.
 
-    Devoto et al., "Expected Attention: KV Cache Compression by Estimating Attention from Future Queries
-    Distribution", arXiv 2510.00636 (kvpress). Queries (before RoPE) of the context after its ``n_sink`` sinks are
-    modelled as a Gaussian per head; RoPE is averaged over the next ``n_future_positions`` positions and applied to
-    its mean and covariance. The expected logit of key k is ``mu.k / sqrt(d) + k^T Sigma k / (2 d)`` (second-order
-    term only with ``use_covariance``); softmax over keys, averaged over the query heads of each KV group, and
-    (``use_vnorm``) multiplied by ``||v|| `` after adding ``epsilon``. Sinks are always kept.
+    Devoto, Jeblick, Jégou, "Expected Attention: KV Cache Compression by Estimating Attention from Future Queries
+    Distribution", arXiv 2510.00636 (2025).
+
+    As in kvpress:
+
+    1. the queries of the context before RoPE, (batch, num_heads, n, head_dim), minus the first ``n_sink`` (attention
+       sinks carry outlier activations), are modelled as one Gaussian per head: mean ``mu``, covariance ``S``;
+    2. the RoPE rotation is averaged over the next ``n_future_positions`` positions into one matrix ``R``, and applied
+       to the statistics: ``mu <- R mu``, ``S <- R S R^T``;
+    3. for a post-RoPE key ``k``, ``E[exp(q.k / sqrt(d))] = exp(mu.k / sqrt(d) + k^T S k / (2 d))``: these logits
+       (the second term only with ``use_covariance``) go through a softmax over the non-sink keys, and are averaged
+       over the query heads of each KV head;
+    4. with ``use_vnorm``, scores become ``(scores + epsilon) * ||v||``: what a pair adds to the residual stream.
+
+    The ``n_sink`` first keys are always kept. Scores are (batch, kv_heads, k_len).
+
+    Deviations from kvpress: contexts of at most ``n_sink`` tokens work (kvpress asserts), by scoring all but the
+    first token; the future positions start after the whole cache (kvpress: after this forward's queries, the same in
+    a prefill); a partial RoPE (Phi3) rotates only its rotary channels; Gemma3's full-attention layers use their own
+    RoPE; statistics are computed in float32.
     """
 
     n_future_positions: int = 512
@@ -29,38 +45,62 @@ class ExpectedAttentionPress(ScorerPress):
     use_vnorm: bool = True
     epsilon: float = 0.0
 
-    def post_init_from_model(self, model: nn.Module, tokenizer=None) -> None:
-        base = model.model if hasattr(model, "model") else model
-        self._rotary_embedding = getattr(base, "language_model", base).rotary_emb
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.n_future_positions, int) or self.n_future_positions < 1:
+            raise PressError(f"ExpectedAttentionPress: n_future_positions must be a positive integer, "
+                             f"got {self.n_future_positions!r}")
+        if not isinstance(self.n_sink, int) or self.n_sink < 0:
+            raise PressError(f"ExpectedAttentionPress: n_sink must be a non-negative integer, got {self.n_sink!r}")
 
-    def average_rotation(self, module: nn.Module, start: int, reference: torch.Tensor) -> torch.Tensor:
-        """The RoPE rotation matrix averaged over positions ``start .. start + n_future_positions``: (d, d)."""
-        dim = compat.head_dim(module)
-        positions = torch.arange(start, start + self.n_future_positions, device=reference.device)[None]
-        cos, sin = self._rotary_embedding(reference, positions)
-        cos, sin = cos[0].float(), sin[0].float()  # (n_future, d)
-        identity = torch.eye(dim, device=reference.device)
-        rotate_half = torch.zeros(dim, dim, device=reference.device)  # rotate_half(x) == x @ rotate_half.T
-        rotate_half[: dim // 2, dim // 2 :] = -torch.eye(dim // 2, device=reference.device)
-        rotate_half[dim // 2 :, : dim // 2] = torch.eye(dim // 2, device=reference.device)
-        rotations = cos[:, :, None] * identity + sin[:, :, None] * rotate_half  # (n_future, d, d)
-        return rotations.mean(dim=0)
+    def post_init_from_model(self, model: nn.Module, tokenizer=None) -> None:
+        # Future positions need the model's rotary embedding (kvpress attaches it to every attention module).
+        base = model.model if hasattr(model, "model") else model
+        self.__dict__["_rotary_emb"] = getattr(base, "language_model", base).rotary_emb
+
+    def average_rotation(self, module: nn.Module, start: int, device: torch.device) -> torch.Tensor:
+        """The RoPE rotation averaged over positions ``start .. start + n_future_positions - 1``: (head_dim, head_dim).
+
+        RoPE maps ``q`` to ``cos * q + sin * rotate_half(q)``, linear in (cos, sin): the average rotation is that
+        of the average cos and sin, ``diag(cos) + diag(sin) P`` with ``P q = rotate_half(q)``. Channels past the
+        rotary dimension (partial RoPE) are left as they are.
+        """
+        rotary = self.__dict__.get("_rotary_emb")
+        if rotary is None:
+            raise PressError("ExpectedAttentionPress needs the model's rotary embedding: apply it as "
+                             "`with press(model):` (or call press.post_init_from_model(model) first)")
+        positions = torch.arange(start, start + self.n_future_positions, device=device)[None]
+        reference = torch.zeros(1, device=device)
+        if "layer_type" in inspect.signature(rotary.forward).parameters:  # Gemma3: one RoPE per layer type
+            cos, sin = rotary(reference, positions, layer_type=module.config.layer_types[module.layer_idx])
+        else:
+            cos, sin = rotary(reference, positions)
+        cos, sin = cos[0].float().mean(dim=0), sin[0].float().mean(dim=0)  # (rotary_dim,)
+        rotary_dim, half = cos.shape[0], cos.shape[0] // 2
+        rotate_half = torch.zeros(rotary_dim, rotary_dim, device=device)
+        rotate_half[:half, half:] = -torch.eye(half, device=device)
+        rotate_half[half:, :half] = torch.eye(half, device=device)
+        rotation = torch.eye(compat.head_dim(module), device=device)
+        rotation[:rotary_dim, :rotary_dim] = torch.diag(cos) + torch.diag(sin) @ rotate_half
+        return rotation
 
     def score(self, module: nn.Module, hidden_states, keys, values, attentions, kwargs) -> torch.Tensor:
         batch, kv_heads, k_len, dim = keys.shape
-        n_sink = min(self.n_sink, k_len - 1)
-        queries = compat.query_states(module, hidden_states[:, n_sink:], None).float()  # (b, heads, n, d)
-        mean = queries.mean(dim=2, keepdim=True)
-        rotation = self.average_rotation(module, k_len, hidden_states)
-        mean = mean @ rotation.T
+        q_len = hidden_states.shape[1]
+        n_sink = min(self.n_sink, k_len - 1)  # leave at least one key to score
+        # This forward's queries start at position k_len - q_len: skip those that are sinks, but keep one.
+        skip = min(max(0, self.n_sink - (k_len - q_len)), q_len - 1)
+        queries = compat.query_states(module, hidden_states[:, skip:], None).float()  # (batch, heads, n, d), pre-RoPE
+        rotation = self.average_rotation(module, k_len, keys.device)
+        mean = queries.mean(dim=2) @ rotation.T  # (batch, heads, d)
         keys_ = keys[:, :, n_sink:].float().repeat_interleave(compat.num_key_value_groups(module), dim=1)
-        logits = (mean @ keys_.transpose(2, 3)).squeeze(2) / math.sqrt(dim)  # (b, heads, k_len - n_sink)
+        logits = torch.einsum("bhd,bhnd->bhn", mean, keys_) / math.sqrt(dim)
         if self.use_covariance:
             centered = queries - queries.mean(dim=2, keepdim=True)
-            covariance = centered.transpose(2, 3) @ centered / max(1, queries.shape[2])
-            covariance = rotation @ covariance @ rotation.T
-            logits = logits + torch.einsum("bhnd,bhde,bhne->bhn", keys_, covariance, keys_) / dim / 2
+            covariance = rotation @ (centered.transpose(2, 3) @ centered / queries.shape[2]) @ rotation.T
+            logits = logits + ((keys_ @ covariance) * keys_).sum(dim=-1) / (2 * dim)
         scores = F.softmax(logits, dim=-1).view(batch, kv_heads, -1, k_len - n_sink).mean(dim=2)
         if self.use_vnorm:
             scores = (scores + self.epsilon) * values[:, :, n_sink:].float().norm(dim=-1)
+        # Sinks above every score (also across heads, for AdaKV).
         return F.pad(scores, (n_sink, 0), value=float(scores.max()) + 1)

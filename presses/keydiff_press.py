@@ -11,13 +11,20 @@ from presses.scorer_press import ScorerPress
 
 @dataclass
 class KeyDiffPress(ScorerPress):
-    """Keep the keys least similar to the average key direction.
+    """Keep the keys least similar to the head's average key direction.
 
-    Park et al., "KeyDiff: Key Similarity-Based KV Cache Eviction for Long-Context LLM Inference in
-    Resource-Constrained Environments", arXiv 2504.15364. The anchor is the mean of the L2-normalised keys of each
-    head; the score is minus the cosine similarity to it, so distinctive keys are kept.
+    Park, Jones, Morse, Goel, Lee, Lott, "KeyDiff: Key Similarity-Based KV Cache Eviction for Long-Context LLM
+    Inference in Resource-Constrained Environments", arXiv 2504.15364 (2025).
+
+    Distinctive keys draw high attention, and no attention weights are needed. The anchor of each head is the mean
+    of its L2-normalised keys (batch, kv_heads, 1, head_dim); a key's score is minus its cosine similarity to the
+    anchor, (batch, kv_heads, k_len), so the keys pointing away from the crowd are kept.
+
+    Deviation, as in kvpress: the paper evicts block by block while the prompt streams in, with the anchor of the
+    cache at each step; here the whole prefill is scored once (kvpress's BlockPress wrapper reproduces the paper).
     """
 
     def score(self, module: nn.Module, hidden_states, keys, values, attentions, kwargs) -> torch.Tensor:
-        anchor = F.normalize(keys.float(), p=2, dim=-1).mean(dim=2, keepdim=True)
-        return -F.cosine_similarity(keys.float(), anchor, dim=-1)
+        keys = keys.float()
+        anchor = F.normalize(keys, p=2, dim=-1).mean(dim=2, keepdim=True)
+        return -F.cosine_similarity(keys, anchor, dim=-1)
