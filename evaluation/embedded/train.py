@@ -1,0 +1,320 @@
+"""Train kvpress-eval's embedded default model from nothing but code, on a CPU.
+
+    python -m evaluation.embedded.train --output_dir runs/kvtiny          # full run; resumes from its checkpoint
+    python -m evaluation.embedded.train --output_dir /tmp/smoke --smoke   # seconds: a tiny end-to-end check
+
+What it builds, in order:
+1. a byte-level BPE tokenizer (digits are single tokens, so a 7-digit value is 7 tokens) trained on text from the
+   project's RULER generator, with a ChatML chat template, saved so ``AutoTokenizer.from_pretrained`` loads it;
+2. a small ``Qwen3ForCausalLM`` with grouped-query attention (more query heads than KV heads);
+3. training on RULER-style tasks made by the same generator the evaluation uses (needles over noise and needle
+   haystacks, variable tracking, common and frequent words) plus a copy task in KVzip's exact repeat format
+   ("Repeat the previous context exactly."), with a curriculum from short to long contexts. The loss is on the
+   answer tokens; the copy task's answer is its whole context, a dense signal that helps induction heads appear.
+
+Everything is seeded; a checkpoint is written every ``checkpoint_every`` steps and a rerun resumes from it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import fire
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+from evaluation.datasets.ruler_synthetic import generate_task
+from evaluation.metrics.ruler import string_match_all
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+REPEAT_INSTRUCTION = "\n\nRepeat the previous context exactly."
+COPY_TASK = "copy"
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (saved beside the model as ``train_config.json``)."""
+
+    seed: int = 0
+    vocab_size: int = 4096
+    hidden_size: int = 256
+    intermediate_size: int = 768
+    num_layers: int = 4
+    num_heads: int = 8
+    num_kv_heads: int = 2
+    head_dim: int = 32
+    rope_theta: float = 10000.0
+    # (context length in tokens, optimizer steps) per curriculum stage, short to long.
+    stages: list = field(default_factory=lambda: [[256, 1500], [512, 1500], [1024, 2500]])
+    tokens_per_batch: int = 8192
+    learning_rate: float = 1e-3
+    min_learning_rate: float = 1e-4
+    warmup_steps: int = 200
+    weight_decay: float = 0.1
+    task_weights: dict = field(default_factory=lambda: {
+        "niah_single_1": 3, "niah_multikey_2": 2, "niah_multikey_3": 1, "vt": 2, "cwe": 1, "fwe": 1, COPY_TASK: 2,
+    })
+    pool_size: int = 32  # records generated at once per (task, length); each is used once
+    checkpoint_every: int = 100
+    eval_every: int = 500
+    eval_samples: int = 20
+    tokenizer_corpus_samples: int = 40
+
+
+SMOKE = dict(vocab_size=400, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1,
+             head_dim=16, stages=[[512, 3], [768, 2]], tokens_per_batch=512, warmup_steps=1, checkpoint_every=2,
+             eval_every=5, eval_samples=1, pool_size=2, tokenizer_corpus_samples=2)
+
+
+class WhitespaceCounter:
+    """Stand-in tokenizer (one token per word) used to size the tokenizer's training corpus."""
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[str]:
+        return text.split()
+
+
+def build_tokenizer(config: TrainConfig) -> PreTrainedTokenizerFast:
+    """Train the BPE tokenizer on generator text: every task at a few lengths, plus the repeat instruction."""
+    corpus = []
+    for task in (t for t in config.task_weights if t != COPY_TASK):
+        for length in (700, 1200):
+            for record in generate_task(task, WhitespaceCounter(), length, config.tokenizer_corpus_samples,
+                                        seed=config.seed + 1000):
+                corpus.append(record["context"] + record["question"] + record["answer_prefix"] + " "
+                              + " ".join(record["answer"]) + REPEAT_INSTRUCTION)
+    backend = Tokenizer(models.BPE(unk_token=None))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=config.vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator(corpus, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>",
+                                        pad_token="<|endoftext|>", additional_special_tokens=SPECIAL_TOKENS[1:])
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.model_max_length = 4096
+    return tokenizer
+
+
+def build_model(config: TrainConfig, tokenizer: PreTrainedTokenizerFast) -> Qwen3ForCausalLM:
+    model_config = Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads, head_dim=config.head_dim, max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta}, tie_word_embeddings=True,
+        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(config.seed)
+    return Qwen3ForCausalLM(model_config)
+
+
+def answer_text(record: dict) -> str:
+    """The reference answer as the model should write it after the answer prefix."""
+    return " " + ", ".join(record["answer"]) + "."
+
+
+def encode_example(tokenizer, record: dict) -> tuple[list[int], list[int]]:
+    """(token ids, loss mask: 1 on answer tokens) for one record, in kvpress's prompt protocol."""
+    if record["task"] == COPY_TASK:
+        prompt_text, target_text = record["context"] + REPEAT_INSTRUCTION, record["context"]
+        prefix = ""
+    else:
+        prompt_text, target_text = record["context"] + record["question"], answer_text(record)
+        prefix = record["answer_prefix"]
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt_text}], add_generation_prompt=True,
+                                           tokenize=False) + prefix
+    prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+    target_ids = tokenizer.encode(target_text, add_special_tokens=False) + [tokenizer.eos_token_id]
+    return prompt_ids + target_ids, [0] * len(prompt_ids) + [1] * len(target_ids)
+
+
+class TaskSampler:
+    """Draws records by task weight; records come from the RULER generator in pools, each used once."""
+
+    def __init__(self, config: TrainConfig, tokenizer, seed: int) -> None:
+        self.config, self.tokenizer = config, tokenizer
+        self.random = random.Random(seed)
+        self.pools: dict[tuple[str, int], list[dict]] = {}
+        self.tasks = list(config.task_weights)
+        self.weights = [config.task_weights[t] for t in self.tasks]
+        self.too_long: set[tuple[str, int]] = set()
+
+    def _draw(self, task: str, length: int) -> dict:
+        pool = self.pools.setdefault((task, length), [])
+        if not pool:
+            pool.extend(generate_task(task, self.tokenizer, length, self.config.pool_size,
+                                      seed=self.random.randrange(2**31)))
+            self.random.shuffle(pool)
+        return pool.pop()
+
+    def sample(self, length: int) -> dict:
+        available = [(t, w) for t, w in zip(self.tasks, self.weights, strict=True) if (t, length) not in self.too_long]
+        task = self.random.choices([t for t, _ in available], [w for _, w in available])[0]
+        try:
+            if task != COPY_TASK:
+                return self._draw(task, length)
+            # The repeated context takes as many tokens as the context: half the budget each (the generator also
+            # reserves the needle tasks' 128 answer tokens, which the copy task does not use).
+            source = self._draw(self.random.choice(["niah_single_1", "niah_multikey_2"]), length // 2 + 128)
+        except ValueError:  # the task's smallest prompt does not fit this length (cwe below ~700 tokens)
+            self.too_long.add((task, length))
+            return self.sample(length)
+        return {"task": COPY_TASK, "context": source["context"], "question": "", "answer_prefix": "", "answer": []}
+
+
+def make_batch(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), width), pad_id)
+    answer_mask = torch.zeros(len(examples), width)
+    attention_mask = torch.zeros(len(examples), width, dtype=torch.long)
+    for row, (ids, mask) in enumerate(examples):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        answer_mask[row, : len(ids)] = torch.tensor(mask, dtype=torch.float)
+        attention_mask[row, : len(ids)] = 1
+    return {"input_ids": input_ids, "answer_mask": answer_mask, "attention_mask": attention_mask}
+
+
+def batch_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
+    """Mean cross-entropy on the answer tokens, and the argmax accuracy there.
+
+    Only answer positions go through the output layer: on long prompts with short answers that is most of the
+    compute saved. The copy task's answer is its whole context, which gives a dense signal.
+    """
+    hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    predicts_answer = batch["answer_mask"][:, 1:].bool()
+    logits = model.lm_head(hidden[:, :-1][predicts_answer]).float()
+    targets = batch["input_ids"][:, 1:][predicts_answer]
+    loss = torch.nn.functional.cross_entropy(logits, targets)
+    accuracy = float((logits.argmax(-1) == targets).float().mean())
+    return loss, accuracy
+
+
+def learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:
+    if step < config.warmup_steps:
+        return config.learning_rate * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return config.min_learning_rate + (config.learning_rate - config.min_learning_rate) * cosine
+
+
+def stage_of(config: TrainConfig, step: int) -> int:
+    """Context length of the curriculum stage that ``step`` falls in."""
+    for length, steps in config.stages:
+        if step < steps:
+            return length
+        step -= steps
+    return config.stages[-1][0]
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, tasks: list[str], length: int, n_samples: int, seed: int) -> dict[str, float | None]:
+    """Greedy exact-answer accuracy (RULER string_match_all, x100) per task; copy: teacher-forced token accuracy.
+
+    A task whose smallest prompt does not fit ``length`` scores None.
+    """
+    model.eval()
+    results = {}
+    sampler = TaskSampler(TrainConfig(pool_size=n_samples), tokenizer, seed)
+    for task in tasks:
+        if task == COPY_TASK:
+            sampler.tasks, sampler.weights = [COPY_TASK], [1]
+            records = [sampler.sample(length) for _ in range(n_samples)]
+            accuracies = [batch_loss(model, make_batch([encode_example(tokenizer, r)], tokenizer.pad_token_id))[1]
+                          for r in records]
+            results[task] = 100 * sum(accuracies) / len(accuracies)
+            continue
+        try:
+            records = generate_task(task, tokenizer, length, n_samples, seed=seed)
+        except ValueError:  # the task's smallest prompt does not fit this length
+            results[task] = None
+            continue
+        scores = []
+        for record in records:
+            prompt = tokenizer.apply_chat_template(
+                [{"role": "user", "content": record["context"] + record["question"]}], add_generation_prompt=True,
+                tokenize=False) + record["answer_prefix"]
+            ids = tokenizer.encode(prompt, add_special_tokens=False, return_tensors="pt")
+            output = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=record["max_new_tokens"],
+                                    do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                                    pad_token_id=tokenizer.pad_token_id)
+            prediction = tokenizer.decode(output[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
+            scores.append(string_match_all(prediction, record["answer"]))
+        results[task] = 100 * sum(scores) / len(scores)
+    model.train()
+    return results
+
+
+def train(output_dir: str, smoke: bool = False, max_minutes: float | None = None, **overrides) -> dict:
+    """Train (or resume) the embedded model into ``output_dir``; returns the final evaluation."""
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    config = TrainConfig(**{**(SMOKE if smoke else {}), **overrides})
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_config.json").write_text(json.dumps(asdict(config), indent=2))
+    log = (out / "training_log.jsonl").open("a")
+    if (out / "tokenizer.json").exists():
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(out))
+    else:
+        tokenizer = build_tokenizer(config)
+        tokenizer.save_pretrained(str(out))
+    model = build_model(config, tokenizer)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=(0.9, 0.95),
+                                  weight_decay=config.weight_decay)
+    step, elapsed = 0, 0.0
+    checkpoint_path = out / "checkpoint.pt"
+    if checkpoint_path.exists():
+        state = torch.load(checkpoint_path, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, elapsed = state["step"], state["elapsed"]
+    total_steps = sum(steps for _, steps in config.stages)
+    sampler = TaskSampler(config, tokenizer, seed=config.seed + step)
+    model.train()
+    started, tokens_seen = time.perf_counter() - elapsed, 0
+    while step < total_steps:
+        if max_minutes is not None and time.perf_counter() - started > 60 * max_minutes:
+            break
+        length = stage_of(config, step)
+        examples = [encode_example(tokenizer, sampler.sample(length))
+                    for _ in range(max(1, config.tokens_per_batch // length))]
+        batch = make_batch(examples, tokenizer.pad_token_id)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(config, step, total_steps)
+        loss, accuracy = batch_loss(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        tokens_seen += int(batch["attention_mask"].sum())
+        seconds = time.perf_counter() - started
+        record = {"step": step, "length": length, "loss": round(loss.item(), 4),
+                  "answer_token_accuracy": round(accuracy, 4), "seconds": round(seconds, 1),
+                  "tokens_per_second": round(tokens_seen / max(1e-9, seconds - elapsed))}
+        if step % config.eval_every == 0 or step == total_steps:
+            record["eval"] = evaluate(model, tokenizer, ["niah_single_1", "niah_multikey_2", "vt", COPY_TASK],
+                                      length, config.eval_samples, seed=10_000 + step)
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+        if step % config.checkpoint_every == 0 or step == total_steps:
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                        "elapsed": seconds}, checkpoint_path.with_suffix(".tmp"))
+            checkpoint_path.with_suffix(".tmp").replace(checkpoint_path)  # atomic: an interruption never corrupts it
+    model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    log.close()
+    return {"step": step, "total_steps": total_steps}
+
+
+if __name__ == "__main__":
+    fire.Fire(train)

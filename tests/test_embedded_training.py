@@ -1,0 +1,45 @@
+"""The embedded model's training script, end to end on a tiny configuration."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from evaluation.embedded.train import COPY_TASK, REPEAT_INSTRUCTION, encode_example, train
+
+
+def test_smoke_training_saves_a_loadable_model_and_resumes(tmp_path):
+    train(str(tmp_path), smoke=True)
+    log = [json.loads(line) for line in (tmp_path / "training_log.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in log] == [1, 2, 3, 4, 5]
+    assert {"niah_single_1", "vt", COPY_TASK} <= set(log[-1]["eval"])
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path))
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path))
+    assert model.config.model_type == "qwen3"
+    assert model.config.num_attention_heads > model.config.num_key_value_heads  # GQA
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                         tokenize=False)
+    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert tokenizer.tokenize("1234567") == list("1234567")  # digits are single tokens
+
+    # A second run with more steps resumes from the checkpoint instead of starting over.
+    train(str(tmp_path), smoke=True, stages=[[512, 3], [768, 4]])
+    log = [json.loads(line) for line in (tmp_path / "training_log.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in log] == [1, 2, 3, 4, 5, 6, 7]
+    resumed = AutoModelForCausalLM.from_pretrained(str(tmp_path))
+    assert not torch.equal(resumed.model.embed_tokens.weight, model.model.embed_tokens.weight)
+
+
+def test_copy_examples_use_kvzips_repeat_prompt_and_train_on_the_repetition(tmp_path):
+    train(str(tmp_path), smoke=True, stages=[[512, 1]], eval_every=100)
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path))
+    record = {"task": COPY_TASK, "context": "The grass is green. Here we go.", "question": "", "answer_prefix": "",
+              "answer": []}
+    ids, mask = encode_example(tokenizer, record)
+    text = tokenizer.decode(ids)
+    assert REPEAT_INSTRUCTION in text
+    target = tokenizer.decode([i for i, m in zip(ids, mask, strict=True) if m])
+    assert target == "The grass is green. Here we go.<|im_end|>"
