@@ -197,6 +197,18 @@ def test_sdpa_and_eager_agree_under_head_wise_eviction():
     torch.testing.assert_close(outputs[0], outputs[1], atol=1e-4, rtol=1e-4)
 
 
+def test_streaming_llm_keeps_sinks_and_recent_tokens():
+    model = cached_model("qwen3")
+    press = build_press("streaming_llm", compression_ratio=0.5)
+    with press(model), torch.no_grad():
+        model(random_ids(100))
+    expected = torch.zeros(100, dtype=torch.bool)
+    expected[4:54] = True
+    for layer_idx in range(2):
+        mask = press.evicted_mask(layer_idx)
+        assert torch.equal(mask[0, 0], expected) and torch.equal(mask[0, 1], expected)
+
+
 def test_dms_sliding_window_is_never_evicted_in_prefill_or_decoding():
     model = cached_model("qwen3")
     ids = random_ids(100)
