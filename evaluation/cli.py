@@ -1,17 +1,32 @@
 """The ``kvpress-eval`` command.
 
-Today it offers ``presses`` (the registry) and ``smoke`` (the default: every press applied to a tiny random model,
-offline, with the compression each achieved). The benchmark sweep lands here next.
+``kvpress-eval [--FLAG VALUE ...]`` runs a sweep (see ``kvpress-eval --help``); ``kvpress-eval presses`` lists the
+press registry; ``kvpress-eval smoke`` applies every press to a tiny random model. Bad input ends with one line on
+stderr and exit code 2.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 
 import fire
 
+from evaluation.cache import CacheError
+from evaluation.config import ConfigError, help_text, resolve_config
 from presses import PRESSES, PressError, build_press
+
+
+def run(config: str | None = None, **flags) -> None:
+    """Run the sweep described by defaults < ``config`` (YAML) < ``flags``; print the results table."""
+    from evaluation.runner import results_table, run_sweep
+
+    settings = resolve_config(config, **flags)
+    results = run_sweep(settings)
+    print(results_table(results))
+    print(f"\nPredictions, metrics and configs are in {settings.output_dir}/ (one folder per run); rerun the same "
+          "command to resume.")
 
 
 def list_presses() -> str:
@@ -59,11 +74,22 @@ def smoke(context_length: int = 512, compression_ratio: float = 0.5, threshold: 
     return "\n".join(rows)
 
 
+COMMANDS = {"presses": list_presses, "smoke": smoke}
+
+
 def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="kvpress-eval: %(message)s")
+    for noisy in ("httpx", "huggingface_hub", "transformers", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    argv = sys.argv[1:]
     try:
-        fire.Fire({"presses": list_presses, "smoke": smoke}, name="kvpress-eval",
-                  command=sys.argv[1:] or ["smoke"])
-    except PressError as error:
+        if argv and argv[0] in COMMANDS:
+            fire.Fire(COMMANDS[argv[0]], command=argv[1:], name=f"kvpress-eval {argv[0]}")
+        elif "--help" in argv or "-h" in argv:
+            print(help_text())
+        else:
+            fire.Fire(run, command=argv, name="kvpress-eval")
+    except (ConfigError, PressError, CacheError) as error:
         print(f"kvpress-eval: error: {error}", file=sys.stderr)
         sys.exit(2)
 

@@ -47,17 +47,17 @@ class TrainConfig:
 
     seed: int = 0
     vocab_size: int = 4096
-    hidden_size: int = 256
-    intermediate_size: int = 768
+    hidden_size: int = 128
+    intermediate_size: int = 384
     num_layers: int = 4
-    num_heads: int = 8
+    num_heads: int = 4
     num_kv_heads: int = 2
     head_dim: int = 32
     rope_theta: float = 10000.0
     # (context length in tokens, optimizer steps) per curriculum stage, short to long.
-    stages: list = field(default_factory=lambda: [[256, 1500], [512, 1500], [1024, 2500]])
+    stages: list = field(default_factory=lambda: [[256, 1500], [512, 1500], [1024, 2000]])
     tokens_per_batch: int = 8192
-    learning_rate: float = 1e-3
+    learning_rate: float = 1.5e-3
     min_learning_rate: float = 1e-4
     warmup_steps: int = 200
     weight_decay: float = 0.1
