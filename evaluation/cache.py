@@ -133,10 +133,18 @@ class PredictionCache:
             (self.folder / name).unlink(missing_ok=True)
 
 
-def write_json_atomically(path: str | Path, payload: dict) -> None:
-    """Write ``payload`` to ``path`` via a temporary file and a rename, so readers never see half a file."""
+def write_text_atomically(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file and a rename, so readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(payload, indent=2, sort_keys=True, allow_nan=False) + "\n")
+    with temporary.open("w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
     os.replace(temporary, path)
+
+
+def write_json_atomically(path: str | Path, payload: dict) -> None:
+    """``payload`` as indented JSON with sorted keys, written atomically."""
+    write_text_atomically(path, json.dumps(payload, indent=2, sort_keys=True, allow_nan=False) + "\n")

@@ -1,8 +1,9 @@
 """The ``kvpress-eval`` command.
 
 ``kvpress-eval [--FLAG VALUE ...]`` runs a sweep (see ``kvpress-eval --help``); ``kvpress-eval presses`` lists the
-press registry; ``kvpress-eval smoke`` applies every press to a tiny random model. Bad input ends with one line on
-stderr and exit code 2.
+press registry; ``kvpress-eval smoke`` applies every press to a tiny random model; ``kvpress-eval export`` /
+``kvpress-eval import`` convert to and from kvpress's results layout. Bad input ends with one line on stderr and
+exit code 2.
 """
 
 from __future__ import annotations
@@ -74,19 +75,41 @@ def smoke(context_length: int = 512, compression_ratio: float = 0.5, threshold: 
     return "\n".join(rows)
 
 
-COMMANDS = {"presses": list_presses, "smoke": smoke}
+def export(results: str = "results", out: str = "kvpress_results") -> str:
+    """Write every run under --results in kvpress's layout (predictions.csv, metrics.json, config.yaml) to --out."""
+    from evaluation.kvpress_format import export_kvpress
+
+    folders = export_kvpress(results, out)
+    return f"exported {len(folders)} run(s) to {out}/ in kvpress's layout"
+
+
+def import_(source: str, output_dir: str = "results") -> str:
+    """Read kvpress result folders under --source into --output_dir (rescored with kvpress-eval's metrics)."""
+    from evaluation.kvpress_format import import_kvpress
+
+    folders = import_kvpress(source, output_dir)
+    return "\n".join([f"imported {len(folders)} kvpress run(s):", *(f"  {folder}" for folder in folders)])
+
+
+COMMANDS = {"presses": list_presses, "smoke": smoke, "export": export, "import": import_}
 
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="kvpress-eval: %(message)s")
     for noisy in ("httpx", "huggingface_hub", "transformers", "datasets"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
     argv = sys.argv[1:]
     try:
         if argv and argv[0] in COMMANDS:
             fire.Fire(COMMANDS[argv[0]], command=argv[1:], name=f"kvpress-eval {argv[0]}")
         elif "--help" in argv or "-h" in argv:
             print(help_text())
+        elif argv and not argv[0].startswith("-"):
+            raise ConfigError(f"unknown command '{argv[0]}': commands are {', '.join(COMMANDS)}, or flags only for a "
+                              "sweep (kvpress-eval --help)")
         else:
             fire.Fire(run, command=argv, name="kvpress-eval")
     except (ConfigError, PressError, CacheError) as error:

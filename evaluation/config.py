@@ -13,6 +13,9 @@ from pathlib import Path
 
 import yaml
 
+from evaluation.datasets.ruler_synthetic import RulerSources, resolve_tasks
+from presses import PRESSES, get_spec
+
 DEFAULT_MODEL = "kvtiny"
 
 
@@ -23,7 +26,7 @@ class ConfigError(ValueError):
 def option(default, help: str, factory: bool = False):
     """A setting with its ``--help`` line; list defaults are copied per instance."""
     if factory:
-        return field(default_factory=lambda: list(default), metadata={"help": help})
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
     return field(default=default, metadata={"help": help})
 
 
@@ -40,8 +43,12 @@ class EvalConfig:
     dataset: list = option(["ruler"], "datasets: ruler, longbench, longbench_e, aime25", factory=True)
     ruler_length: int = option(1024, "context length in tokens of RULER generated offline")
     ruler_tasks: list = option([], "RULER tasks (default: every task that needs no data file)", factory=True)
+    essay_path: str | None = option(None, "RULER: essay text for the essay-haystack NIAH tasks (enables them)")
+    squad_path: str | None = option(None, "RULER: SQuAD v2.0 dev json for qa_1 (enables it)")
+    hotpotqa_path: str | None = option(None, "RULER: HotpotQA dev distractor json for qa_2 (enables it)")
     data_dir: str | None = option(None, "hub config: RULER length (e.g. 4096) or one LongBench subset")
-    data_files: str | None = option(None, "local .jsonl/.parquet in the common layout, instead of the hub")
+    data_files: dict = option({}, "local .jsonl/.parquet in the common layout instead of the hub: PATH (one "
+                              "dataset) or DATASET=PATH,DATASET=PATH", factory=True)
     max_samples: int | None = option(20, "at most this many samples per task (None: all)")
     fraction: float = option(1.0, "then keep this fraction of them")
     max_context_length: int | None = option(None, "cut longer contexts to this many tokens (LongBench: middle cut)")
@@ -69,8 +76,11 @@ def help_text() -> str:
     for item in dataclasses.fields(EvalConfig):
         default = item.default if item.default_factory is dataclasses.MISSING else item.default_factory()
         lines.append(f"  --{item.name:<20}{item.metadata['help']} [default: {default}]")
-    lines += ["", "Other commands: kvpress-eval presses (the press registry), kvpress-eval smoke (every press on a",
-              "tiny random model)."]
+    lines += ["", "Other commands:",
+              "  kvpress-eval presses                               the press registry, with each press's knob",
+              "  kvpress-eval smoke                                 every press on a tiny random model",
+              "  kvpress-eval export --results DIR --out DIR        runs in kvpress's layout (predictions.csv, ...)",
+              "  kvpress-eval import --source DIR --output_dir DIR  kvpress runs into this layout, rescored"]
     return "\n".join(lines)
 
 
@@ -126,9 +136,44 @@ def resolve_config(config_file: str | None = None, **cli) -> EvalConfig:
     for name in LIST_FIELDS:
         if name in settings:
             settings[name] = _as_list(name, settings[name])
+    datasets = settings.get("dataset", EvalConfig().dataset)
+    if "data_files" in settings:
+        settings["data_files"] = _data_files(settings["data_files"], datasets)
     config = EvalConfig(**settings)
     validate(config)
+    check_knobs(config, given=set(settings))
     return config
+
+
+def _data_files(value, datasets: list[str]) -> dict[str, str]:
+    """``--data_files`` as {dataset: path}: a mapping (YAML), ``name=path,name=path``, or one path for one dataset."""
+    if isinstance(value, dict):
+        files = {str(name): str(path) for name, path in value.items()}
+    else:
+        items = _as_list("data_files", value)
+        if all("=" in item for item in items):
+            files = dict(item.split("=", 1) for item in items)
+        elif len(items) == 1 and len(datasets) == 1:
+            files = {datasets[0]: items[0]}
+        else:
+            raise ConfigError("--data_files with several datasets needs DATASET=PATH pairs "
+                              "(e.g. --data_files ruler=r.jsonl,longbench=lb.parquet)")
+    for name, path in files.items():
+        if name not in datasets:
+            raise ConfigError(f"--data_files names '{name}', which is not in --dataset ({', '.join(datasets)})")
+        if not Path(path).expanduser().is_file():
+            raise ConfigError(f"--data_files: '{path}' does not exist: give a .jsonl or .parquet file")
+    return files
+
+
+def check_knobs(config: EvalConfig, given: set[str]) -> None:
+    """A knob given explicitly must be taken by at least one press, or it would be silently ignored."""
+    knobs = {get_spec(name).knob for name in config.press}
+    for knob in ("compression_ratio", "threshold"):
+        if knob in given and getattr(config, knob) and knob not in knobs:
+            takers = sorted(name for name, spec in PRESSES.items() if spec.knob == knob)
+            raise ConfigError(f"--{knob} is not taken by {', '.join(config.press)}: presses with a {knob} are "
+                              f"{', '.join(takers[:6])}{', ...' if len(takers) > 6 else ''}")
 
 
 def validate(config: EvalConfig) -> None:
@@ -153,8 +198,19 @@ def validate(config: EvalConfig) -> None:
         raise ConfigError(f"--attn_implementation must be sdpa or eager, got '{config.attn_implementation}'")
     if config.ruler_length < 64:
         raise ConfigError(f"--ruler_length must be at least 64 tokens, got {config.ruler_length}")
-    if config.data_files is not None and not Path(config.data_files).is_file():
-        raise ConfigError(f"--data_files '{config.data_files}' does not exist: give a .jsonl or .parquet file")
+    for name in config.press:
+        get_spec(name)  # unknown press: a one-line error with close matches
+    if "ruler" in config.dataset and config.data_dir is None and "ruler" not in config.data_files:
+        try:
+            resolve_tasks(config.ruler_tasks or None, ruler_sources(config))
+        except ValueError as error:
+            raise ConfigError(str(error).replace("pass essay_path=", "pass --essay_path ")
+                              .replace("pass squad_path=", "pass --squad_path ")
+                              .replace("pass hotpotqa_path=", "pass --hotpotqa_path ")) from None
+
+
+def ruler_sources(config: EvalConfig) -> RulerSources:
+    return RulerSources(config.essay_path, config.squad_path, config.hotpotqa_path)
 
 
 def to_dict(config: EvalConfig) -> dict:

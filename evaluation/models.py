@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
@@ -26,6 +27,25 @@ def resolve_model_path(name: str) -> str:
         raise ConfigError(f"model path '{name}' does not exist: give a model folder, a hub name (org/model) or "
                           f"{', '.join(EMBEDDED_MODELS)}")
     return str(Path(name).expanduser()) if looks_local else name
+
+
+def model_fingerprint(name: str) -> str:
+    """What identifies the model's weights in a run id: for a local folder (embedded models included) a hash of its
+    config and weight files, so retrained weights never resume an old run; for a hub name, the name itself.
+
+    Weight files over 256 MiB are identified by name, size and modification time rather than read whole.
+    """
+    path = Path(resolve_model_path(name))
+    if not path.is_dir():
+        return name
+    digest = hashlib.sha256()
+    for file in sorted(path.glob("*.json")) + sorted(path.glob("*.safetensors")):
+        digest.update(file.name.encode())
+        if file.stat().st_size <= 256 * 2**20:
+            digest.update(file.read_bytes())
+        else:
+            digest.update(f"{file.stat().st_size}:{file.stat().st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
 
 
 def default_device() -> str:

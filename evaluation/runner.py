@@ -20,11 +20,18 @@ import transformers
 import yaml
 from tqdm import tqdm
 
-from evaluation.cache import CONFIG_FILE, METRICS_FILE, PredictionCache, run_folder_name, write_json_atomically
+from evaluation.cache import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    PredictionCache,
+    run_folder_name,
+    write_json_atomically,
+    write_text_atomically,
+)
 from evaluation.config import ConfigError, EvalConfig
 from evaluation.datasets.registry import get_dataset, load_records
-from evaluation.metrics import score_dataset
-from evaluation.models import load_model, resolve_model_path
+from evaluation.models import load_model, model_fingerprint, resolve_model_path
+from evaluation.scoring import score_run
 from presses import GenerationSettings, PressError, answer_questions, build_press, get_spec
 from presses.pipeline import encode_prompt
 
@@ -83,13 +90,16 @@ def generation_settings(config: EvalConfig, max_new_tokens: int, sample_index: i
                               min_p=config.min_p, seed=config.seed + 1000 * sample_index)
 
 
-def run_identity(config: EvalConfig, spec: RunSpec, press_repr: str) -> dict:
+def run_identity(config: EvalConfig, spec: RunSpec, press_repr: str, model_revision: str) -> dict:
     """Exactly what changes this run's predictions (see ``evaluation.cache.run_id``)."""
     dataset_spec = get_dataset(spec.dataset)
     return {
-        "model": config.model, "dtype": config.dtype, "dataset": spec.dataset, "dataset_version": dataset_spec.version,
-        "data_dir": config.data_dir, "data_files": config.data_files, "ruler_length": config.ruler_length,
-        "ruler_tasks": config.ruler_tasks, "press": press_repr, "max_context_length": config.max_context_length,
+        "model": config.model, "model_revision": model_revision, "dtype": config.dtype, "dataset": spec.dataset,
+        "dataset_version": dataset_spec.version, "data_dir": config.data_dir,
+        "data_files": config.data_files.get(spec.dataset), "ruler_length": config.ruler_length,
+        "ruler_tasks": config.ruler_tasks,
+        "ruler_sources": [config.essay_path, config.squad_path, config.hotpotqa_path],
+        "press": press_repr, "max_context_length": config.max_context_length,
         "max_new_tokens": config.max_new_tokens, "query_aware": config.query_aware,
         "enable_thinking": config.enable_thinking, "generation": asdict(generation_settings(config, 0)),
         "num_samples": config.num_samples, "protocol": PROTOCOL,
@@ -147,7 +157,8 @@ def answer_group(model, tokenizer, group: list[dict], spec: RunSpec, config: Eva
                                       press, settings)
     return [
         {"sample_id": sample_key(record, sample_index, config), "problem_id": record["sample_id"],
-         "task": record["task"], "answer": record["answer"], "prediction": answer.text,
+         "task": record["task"], "question": record["question"], "answer_prefix": record["answer_prefix"],
+         "answer": record["answer"], "prediction": answer.text,
          "compression_ratio": ratio, "answer_compression_ratio": answer.compression_ratio,
          "context_length": int(context_ids.shape[1]), "question_length": int(question.shape[1]),
          "generated_length": len(answer.token_ids), "sample_index": sample_index,
@@ -160,21 +171,12 @@ def sample_key(record: dict, sample_index: int, config: EvalConfig) -> str:
     return record["sample_id"] if config.num_samples == 1 else f"{record['sample_id']}#{sample_index}"
 
 
-def score_run(dataset: str, predictions: list[dict]) -> dict:
-    """metrics.json: the dataset's own metric per task and overall, plus the compression actually achieved."""
-    metrics = score_dataset(get_dataset(dataset).metric, predictions)
-    ratios = [p["compression_ratio"] for p in predictions]
-    metrics["compression_ratio"] = sum(ratios) / len(ratios) if ratios else None
-    metrics["n_predictions"] = len(predictions)
-    return metrics
-
-
 def run_one(model, tokenizer, records: list[dict], spec: RunSpec, config: EvalConfig) -> RunResult:
     press = make_press(spec, config)
     with press(model, tokenizer):  # fails now, before any folder exists, on a missing surrogate or tokenizer
         pass
     press_repr = repr(make_press(spec, config))
-    identity = run_identity(config, spec, press_repr)
+    identity = run_identity(config, spec, press_repr, model_fingerprint(config.model))
     folder = Path(config.output_dir) / run_folder_name(config.model, spec.dataset, spec.press, spec.knob,
                                                         spec.value, identity)
     cache = PredictionCache(folder)
@@ -185,7 +187,7 @@ def run_one(model, tokenizer, records: list[dict], spec: RunSpec, config: EvalCo
     resolved = {"run": identity, "press": spec.press, spec.knob or "knob": spec.value, "config": asdict(config),
                 "environment": environment(config, model),
                 "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    (folder / CONFIG_FILE).write_text(yaml.safe_dump(resolved, sort_keys=True))
+    write_text_atomically(folder / CONFIG_FILE, yaml.safe_dump(resolved, sort_keys=True))
     truncation = get_dataset(spec.dataset).truncation
     todo = [(group, k) for k in range(config.num_samples) for group in group_by_context(records, config.query_aware)
             if any(sample_key(r, k, config) not in done for r in group)]

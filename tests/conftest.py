@@ -86,3 +86,27 @@ def model(request):
 def random_ids(n: int, seed: int = 0, vocab_size: int = 128) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(5, vocab_size, (1, n), generator=generator)
+
+
+EMBEDDED_TOKENIZER_DIR = "evaluation/embedded/kvtiny"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A folder with a tiny random Qwen3 (GQA) and the embedded model's byte-level tokenizer, as a user's local
+    model folder would be: loads with ``--model <folder>``, no download."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    source = Path(__file__).resolve().parent.parent / EMBEDDED_TOKENIZER_DIR
+    tokenizer = AutoTokenizer.from_pretrained(str(source))
+    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=2048,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         tie_word_embeddings=True)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-qwen3")
+    Qwen3ForCausalLM(config).save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return str(folder)

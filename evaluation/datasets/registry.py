@@ -2,20 +2,24 @@
 
 Record fields: ``sample_id`` (stable across runs), ``context``, ``question``, ``answer_prefix``, ``answer``
 (list of strings), ``task``, ``max_new_tokens``, plus optional ``all_classes`` and ``length`` (LongBench).
-Any dataset also loads from a local ``.jsonl`` or ``.parquet`` file in that layout (``--data_files``).
+Any dataset also loads from a local ``.jsonl`` or ``.parquet`` file in that layout (``--data_files NAME=PATH``).
 """
 
 from __future__ import annotations
 
 import difflib
+import logging
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from evaluation.config import ConfigError, EvalConfig
-from evaluation.datasets.ruler_synthetic import OFFLINE_TASKS, generate_task
+from evaluation.config import ConfigError, EvalConfig, ruler_sources
+from evaluation.datasets.ruler_synthetic import generate_task, resolve_tasks
+
+logger = logging.getLogger("kvpress-eval")
 
 REQUIRED_COLUMNS = ("context", "question", "answer")
 LONGBENCH_SUBSETS = ("narrativeqa", "qasper", "multifieldqa_en", "hotpotqa", "2wikimqa", "musique", "gov_report",
@@ -57,7 +61,8 @@ def get_dataset(name: str) -> DatasetSpec:
 def load_records(name: str, config: EvalConfig, tokenizer) -> list[dict]:
     """The records of dataset ``name``, from ``--data_files`` when given, capped by max_samples/fraction per task."""
     spec = get_dataset(name)
-    records = read_local_file(config.data_files) if config.data_files else spec.loader(config, tokenizer)
+    local = config.data_files.get(name)
+    records = read_local_file(local) if local else spec.loader(config, tokenizer)
     return select_samples([normalise(record, i, name) for i, record in enumerate(records)], config)
 
 
@@ -78,8 +83,9 @@ def normalise(record: dict, index: int, dataset: str) -> dict:
     }
     for optional in ("all_classes", "length"):
         value = record.get(optional)
-        if value is not None:
-            normalised[optional] = value.tolist() if hasattr(value, "tolist") else value
+        value = value.tolist() if hasattr(value, "tolist") else value
+        if value is not None and not (isinstance(value, float) and math.isnan(value)):  # pandas fills gaps with NaN
+            normalised[optional] = value
     return normalised
 
 
@@ -137,14 +143,20 @@ def load_ruler(config: EvalConfig, tokenizer) -> list[dict]:
     """RULER: the hub copy (``--data_dir 4096``) or, by default, generated offline for this model's tokenizer."""
     if config.data_dir is not None:
         return load_hub("simonjegou/ruler", config.data_dir)
-    tasks = config.ruler_tasks or list(OFFLINE_TASKS)
+    sources = ruler_sources(config)
+    explicit = bool(config.ruler_tasks)
     n = config.max_samples or 500
     records = []
-    for task in tasks:
+    for task in resolve_tasks(config.ruler_tasks or None, sources):
         try:
-            records.extend(generate_task(task, tokenizer, config.ruler_length, n, seed=42))
+            records.extend(generate_task(task, tokenizer, config.ruler_length, n, seed=42, **asdict(sources)))
         except ValueError as error:
-            raise ConfigError(str(error).splitlines()[0]) from None
+            if explicit:
+                raise ConfigError(str(error).splitlines()[0].replace("max_seq_length", "--ruler_length")) from None
+            logger.warning("RULER task %s skipped: it does not fit %d tokens with this tokenizer",
+                           task, config.ruler_length)
+    if not records:
+        raise ConfigError(f"no RULER task fits --ruler_length {config.ruler_length}: use a larger length")
     return records
 
 
