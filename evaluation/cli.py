@@ -15,7 +15,7 @@ import time
 import fire
 
 from evaluation.cache import CacheError
-from evaluation.config import ConfigError, help_text, resolve_config
+from evaluation.config import DEFAULT_MODEL, ConfigError, help_text, resolve_config
 from presses import PRESSES, PressError, build_press
 
 
@@ -91,7 +91,40 @@ def import_(source: str, output_dir: str = "results") -> str:
     return "\n".join([f"imported {len(folders)} kvpress run(s):", *(f"  {folder}" for folder in folders)])
 
 
-COMMANDS = {"presses": list_presses, "smoke": smoke, "export": export, "import": import_}
+def train_kvzap(output_dir: str, model: str = DEFAULT_MODEL, texts: str = "synthetic", n_texts: int = 200,
+                positions_per_text: int = 500, min_text_tokens: int = 750, max_text_tokens: int = 1250,
+                hidden_dim: int | None = None, epochs: int = 15, device: str | None = None, dtype: str = "float32",
+                seed: int = 0) -> str:
+    """Train KVzap linear and MLP surrogates for --model into --output_dir/kvzap-{linear,mlp}.
+
+    --texts: synthetic (built in, offline), nemotron (nvidia/Nemotron-Pretraining-Dataset-sample, online), or a
+    local .txt/.jsonl file or folder. Texts outside [--min_text_tokens, --max_text_tokens] are cut or skipped.
+    """
+    from evaluation.kvzap.train import TrainSettings
+    from evaluation.kvzap.train import train_kvzap as train
+    from evaluation.models import load_model
+
+    settings = TrainSettings(texts=str(texts), n_texts=n_texts, positions_per_text=positions_per_text,
+                             min_text_tokens=min_text_tokens, max_text_tokens=max_text_tokens, hidden_dim=hidden_dim,
+                             epochs=epochs, seed=seed)
+    if min(n_texts, positions_per_text, min_text_tokens, epochs) < 1 or max_text_tokens < min_text_tokens:
+        raise ConfigError("train-kvzap: --n_texts, --positions_per_text, --min_text_tokens and --epochs must be "
+                          "positive and --max_text_tokens at least --min_text_tokens")
+    loaded, tokenizer = load_model(model, device, dtype, "sdpa")
+    report = train(loaded, tokenizer, output_dir, settings)
+    rows = [f"{'layer':<6} {'linear R2':>10} {'mlp R2':>8} {'linear r':>9} {'mlp r':>7}"]
+    for i in range(report["layers"]):
+        rows.append(f"{i:<6} {report['linear']['r2'][i]:>10.3f} {report['mlp']['r2'][i]:>8.3f} "
+                    f"{report['linear']['pearson'][i]:>9.3f} {report['mlp']['pearson'][i]:>7.3f}")
+    rows.append(f"{'mean':<6} {report['linear']['mean_r2']:>10.3f} {report['mlp']['mean_r2']:>8.3f} "
+                f"{report['linear']['mean_pearson']:>9.3f} {report['mlp']['mean_pearson']:>7.3f}")
+    rows.append(f"\n{report['train_pairs']} training pairs, {report['heldout_pairs']} held out, "
+                f"{report['wall_seconds']} s; surrogates in {output_dir}/kvzap-linear and {output_dir}/kvzap-mlp")
+    return "\n".join(rows)
+
+
+COMMANDS = {"presses": list_presses, "smoke": smoke, "export": export, "import": import_,
+            "train-kvzap": train_kvzap}
 
 
 def main() -> None:

@@ -79,7 +79,7 @@ def load_surrogate(checkpoint: str, model: nn.Module) -> KVzapModel:
         raise PressError(
             f"no KVzap surrogate found at '{checkpoint}' for {name} ({type(error).__name__}): pass "
             "KVzapPress(checkpoint=<local dir or hub name>) pointing to one in the nvidia/KVzap-* format, "
-            "or train one for this model"
+            "or train one: kvpress-eval train-kvzap --model <model> --output_dir <model dir>"
         ) from None
     config = compat.text_config(model)
     expected = (config.num_hidden_layers, config.hidden_size, config.num_key_value_heads)
