@@ -29,7 +29,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
-from evaluation.datasets.ruler_synthetic import generate_task
+from evaluation.datasets.ruler_synthetic import generate_task, get_task
 from evaluation.metrics.ruler import string_match_all
 
 CHAT_TEMPLATE = (
@@ -55,8 +55,8 @@ class TrainConfig:
     head_dim: int = 32
     rope_theta: float = 10000.0
     # (context length in tokens, optimizer steps) per curriculum stage, short to long.
-    stages: list = field(default_factory=lambda: [[256, 1500], [512, 1500], [1024, 2000]])
-    tokens_per_batch: int = 8192
+    stages: list = field(default_factory=lambda: [[256, 2000], [512, 2000], [1024, 2500]])
+    tokens_per_batch: int = 4096
     learning_rate: float = 1.5e-3
     min_learning_rate: float = 1e-4
     warmup_steps: int = 200
@@ -138,8 +138,24 @@ def encode_example(tokenizer, record: dict) -> tuple[list[int], list[int]]:
     return prompt_ids + target_ids, [0] * len(prompt_ids) + [1] * len(target_ids)
 
 
+COPY_SOURCES = ("niah_single_1", "niah_multikey_2", "vt", "fwe")
+
+
+def prompt_records(task: str, tokenizer, prompt_tokens: int, n: int, seed: int) -> list[dict]:
+    """Generator records whose prompt has about ``prompt_tokens`` tokens.
+
+    The generator's length budget also reserves the task's answer tokens (128 for NIAH); adding them back keeps
+    every task near the stage's length instead of silently dropping NIAH from short stages.
+    """
+    return generate_task(task, tokenizer, prompt_tokens + get_task(task).max_new_tokens, n, seed=seed)
+
+
 class TaskSampler:
-    """Draws records by task weight; records come from the RULER generator in pools, each used once."""
+    """Draws records by task weight; records come from the RULER generator in pools, each used once.
+
+    A task whose smallest prompt does not fit a stage's length (cwe below ~700 tokens) is left out of that stage;
+    :meth:`active_tasks` says which tasks a stage really trains on (logged at each stage's first step).
+    """
 
     def __init__(self, config: TrainConfig, tokenizer, seed: int) -> None:
         self.config, self.tokenizer = config, tokenizer
@@ -152,24 +168,39 @@ class TaskSampler:
     def _draw(self, task: str, length: int) -> dict:
         pool = self.pools.setdefault((task, length), [])
         if not pool:
-            pool.extend(generate_task(task, self.tokenizer, length, self.config.pool_size,
-                                      seed=self.random.randrange(2**31)))
+            pool.extend(prompt_records(task, self.tokenizer, length, self.config.pool_size,
+                                       seed=self.random.randrange(2**31)))
             self.random.shuffle(pool)
         return pool.pop()
 
+    def active_tasks(self, length: int) -> list[str]:
+        return [t for t in self.tasks if (t, length) not in self.too_long]
+
     def sample(self, length: int) -> dict:
         available = [(t, w) for t, w in zip(self.tasks, self.weights, strict=True) if (t, length) not in self.too_long]
+        if not available:
+            raise ValueError(f"no training task fits {length} tokens")
         task = self.random.choices([t for t, _ in available], [w for _, w in available])[0]
-        try:
-            if task != COPY_TASK:
+        if task != COPY_TASK:
+            try:
                 return self._draw(task, length)
-            # The repeated context takes as many tokens as the context: half the budget each (the generator also
-            # reserves the needle tasks' 128 answer tokens, which the copy task does not use).
-            source = self._draw(self.random.choice(["niah_single_1", "niah_multikey_2"]), length // 2 + 128)
-        except ValueError:  # the task's smallest prompt does not fit this length (cwe below ~700 tokens)
-            self.too_long.add((task, length))
-            return self.sample(length)
-        return {"task": COPY_TASK, "context": source["context"], "question": "", "answer_prefix": "", "answer": []}
+            except ValueError:  # the task's smallest prompt does not fit this length
+                self.too_long.add((task, length))
+                return self.sample(length)
+        # The repetition takes as many tokens as the context: half the stage's length each.
+        sources = [t for t in COPY_SOURCES if (t, length // 2) not in self.too_long]
+        while sources:
+            source = self.random.choice(sources)
+            try:
+                record = self._draw(source, length // 2)
+            except ValueError:
+                self.too_long.add((source, length // 2))
+                sources.remove(source)
+                continue
+            return {"task": COPY_TASK, "context": record["context"], "question": "", "answer_prefix": "",
+                    "answer": []}
+        self.too_long.add((COPY_TASK, length))
+        return self.sample(length)
 
 
 def make_batch(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -220,7 +251,7 @@ def stage_of(config: TrainConfig, step: int) -> int:
 def evaluate(model, tokenizer, tasks: list[str], length: int, n_samples: int, seed: int) -> dict[str, float | None]:
     """Greedy exact-answer accuracy (RULER string_match_all, x100) per task; copy: teacher-forced token accuracy.
 
-    A task whose smallest prompt does not fit ``length`` scores None.
+    ``length`` is the prompt's length in tokens; a task whose smallest prompt does not fit it scores None.
     """
     model.eval()
     results = {}
@@ -234,7 +265,7 @@ def evaluate(model, tokenizer, tasks: list[str], length: int, n_samples: int, se
             results[task] = 100 * sum(accuracies) / len(accuracies)
             continue
         try:
-            records = generate_task(task, tokenizer, length, n_samples, seed=seed)
+            records = prompt_records(task, tokenizer, length, n_samples, seed=seed)
         except ValueError:  # the task's smallest prompt does not fit this length
             results[task] = None
             continue
@@ -299,9 +330,11 @@ def train(output_dir: str, smoke: bool = False, max_minutes: float | None = None
         tokens_seen += int(batch["attention_mask"].sum())
         seconds = time.perf_counter() - started
         record = {"step": step, "length": length, "loss": round(loss.item(), 4),
+
                   "answer_token_accuracy": round(accuracy, 4), "seconds": round(seconds, 1),
                   "tokens_per_second": round(tokens_seen / max(1e-9, seconds - elapsed))}
         if step % config.eval_every == 0 or step == total_steps:
+            record["tasks"] = sampler.active_tasks(length)
             record["eval"] = evaluate(model, tokenizer, ["niah_single_1", "niah_multikey_2", "vt", COPY_TASK],
                                       length, config.eval_samples, seed=10_000 + step)
         log.write(json.dumps(record) + "\n")
