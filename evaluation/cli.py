@@ -123,8 +123,30 @@ def train_kvzap(output_dir: str, model: str = DEFAULT_MODEL, texts: str = "synth
     return "\n".join(rows)
 
 
+def compare(baseline: str | None = None, results: str = "results", tolerance: float | None = None,
+            save: str | None = None) -> None:
+    """Compare --results with --baseline (a results folder or a file written by --save); exit 1 on a regression.
+
+    A cell (model, dataset, press, point, task) fails when its score drops by more than --tolerance points
+    or when a baseline run is missing from --results. --save FILE writes --results as a baseline file instead.
+    """
+    from evaluation.compare import DEFAULT_TOLERANCE, save_baseline
+    from evaluation.compare import compare as compare_results
+
+    if save is not None:
+        print(f"saved {save_baseline(results, save)} cells of {results} to {save}")
+        return
+    if baseline is None:
+        raise ConfigError("compare needs --baseline (a results folder or baseline file), or --save FILE")
+    table, passed = compare_results(baseline, results, DEFAULT_TOLERANCE if tolerance is None else tolerance)
+    print(table)
+    if not passed:
+        print("kvpress-eval compare: regression against the baseline (see DROP / MISSING above)", file=sys.stderr)
+        sys.exit(1)
+
+
 COMMANDS = {"presses": list_presses, "smoke": smoke, "export": export, "import": import_,
-            "train-kvzap": train_kvzap}
+            "train-kvzap": train_kvzap, "compare": compare}
 
 
 def main() -> None:
