@@ -145,8 +145,16 @@ def compare(baseline: str | None = None, results: str = "results", tolerance: fl
         sys.exit(1)
 
 
+def leaderboard(results: str = "results", out: str = "site") -> str:
+    """Build the static leaderboard site (accuracy versus compression) from the runs under --results into --out."""
+    from leaderboard import build_site
+
+    index = build_site(results, out)
+    return f"leaderboard written to {out}/: open {index} in a browser"
+
+
 COMMANDS = {"presses": list_presses, "smoke": smoke, "export": export, "import": import_,
-            "train-kvzap": train_kvzap, "compare": compare}
+            "train-kvzap": train_kvzap, "compare": compare, "leaderboard": leaderboard}
 
 
 def main() -> None:

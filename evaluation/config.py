@@ -80,7 +80,10 @@ def help_text() -> str:
               "  kvpress-eval presses                               the press registry, with each press's knob",
               "  kvpress-eval smoke                                 every press on a tiny random model",
               "  kvpress-eval export --results DIR --out DIR        runs in kvpress's layout (predictions.csv, ...)",
-              "  kvpress-eval import --source DIR --output_dir DIR  kvpress runs into this layout, rescored"]
+              "  kvpress-eval import --source DIR --output_dir DIR  kvpress runs into this layout, rescored",
+              "  kvpress-eval leaderboard --results DIR --out DIR   static site: accuracy versus compression",
+              "  kvpress-eval compare --baseline B --results DIR    fails (exit 1) on a regression against B",
+              "  kvpress-eval train-kvzap --model M --output_dir D  KVzap surrogates for a model"]
     return "\n".join(lines)
 
 
