@@ -75,7 +75,7 @@ def smoke(context_length: int = 512, compression_ratio: float = 0.5, threshold: 
     return "\n".join(rows)
 
 
-def export(results: str = "results", out: str = "kvpress_results") -> str:
+def export(results: str = "results/runs", out: str = "kvpress_results") -> str:
     """Write every run under --results in kvpress's layout (predictions.csv, metrics.json, config.yaml) to --out."""
     from evaluation.kvpress_format import export_kvpress
 
@@ -83,7 +83,7 @@ def export(results: str = "results", out: str = "kvpress_results") -> str:
     return f"exported {len(folders)} run(s) to {out}/ in kvpress's layout"
 
 
-def import_(source: str, output_dir: str = "results") -> str:
+def import_(source: str, output_dir: str = "results/runs") -> str:
     """Read kvpress result folders under --source into --output_dir (rescored with kvpress-eval's metrics)."""
     from evaluation.kvpress_format import import_kvpress
 
@@ -123,7 +123,7 @@ def train_kvzap(output_dir: str, model: str = DEFAULT_MODEL, texts: str = "synth
     return "\n".join(rows)
 
 
-def compare(baseline: str | None = None, results: str = "results", tolerance: float | None = None,
+def compare(baseline: str | None = None, results: str = "results/runs", tolerance: float | None = None,
             save: str | None = None) -> None:
     """Compare --results with --baseline (a results folder or a file written by --save); exit 1 on a regression.
 

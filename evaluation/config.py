@@ -66,7 +66,7 @@ class EvalConfig:
     device: str | None = option(None, "cpu, cuda, cuda:1 ... (default: cuda if available)")
     dtype: str = option("auto", "auto, float32, bfloat16 or float16")
     attn_implementation: str = option("sdpa", "sdpa or eager (observed_attention needs eager)")
-    output_dir: str = option("results", "where run folders go")
+    output_dir: str = option("results/runs", "where run folders go")
     overwrite: bool = option(False, "start cached runs over instead of resuming them")
 
 

@@ -110,7 +110,7 @@ def export_run(folder: Path, out: Path) -> Path:
     return target
 
 
-def export_kvpress(results: str = "results", out: str = "kvpress_results") -> list[Path]:
+def export_kvpress(results: str = "results/runs", out: str = "kvpress_results") -> list[Path]:
     """Export every run under ``results`` with predictions to kvpress's layout under ``out`` (a new folder)."""
     runs = find_runs(results, PREDICTIONS_FILE)
     if not runs:
@@ -206,7 +206,7 @@ def import_run(folder: Path, output_dir: Path) -> Path:
     return target
 
 
-def import_kvpress(source: str, output_dir: str = "results") -> list[Path]:
+def import_kvpress(source: str, output_dir: str = "results/runs") -> list[Path]:
     """Import every kvpress run folder (one holding predictions.csv) found under ``source``."""
     runs = find_runs(source, KVPRESS_PREDICTIONS)
     if not runs:
