@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import matplotlib
 from matplotlib.figure import Figure
 
-from leaderboard.ranking import Point
+from leaderboard.ranking import Point, percent_span
 
 MAX_LABEL = 40
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*")
@@ -26,11 +26,13 @@ def short(label: str) -> str:
     return label if len(label) <= MAX_LABEL else label[: MAX_LABEL - 1] + "…"
 
 
-def accuracy_compression_svg(lines: Sequence[tuple[str, Sequence[Point]]], reference: float | None) -> str:
+def accuracy_compression_svg(lines: Sequence[tuple[str, Sequence[Point]]], reference: float | None,
+                             band: tuple[float, float] | None = None) -> str:
     """One line per press (label, points sorted by compression), the reference as a dashed horizontal line.
 
     A dotted stretch joins the reference at 0 to each press's first point: the part of the curve its AUC counts
-    before its first measurement.
+    before its first measurement. ``band``, the common compression range (fractions) the AUC averages over, is
+    shaded.
     """
     with matplotlib.rc_context(RC):
         figure = Figure(figsize=(7.5, 4.5))
@@ -51,6 +53,9 @@ def accuracy_compression_svg(lines: Sequence[tuple[str, Sequence[Point]]], refer
                 axes.plot([0, xs[0]], [reference, ys[0]], color=color, linestyle=":", linewidth=1)
             handles.append(handle)
             labels.append(short(label))
+        if band is not None:  # listed last, drawn behind everything
+            handles.append(axes.axvspan(100 * band[0], 100 * band[1], color="0.95", linewidth=0, zorder=0))
+            labels.append(f"AUC range {percent_span(*band)}")
         axes.set_xlim(-2, 102)
         axes.set_xlabel("achieved compression (% of KV pairs removed)")
         axes.set_ylabel("accuracy (%)")

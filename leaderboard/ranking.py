@@ -1,14 +1,21 @@
-"""Accuracy-versus-compression curves, their area, accuracy at matched compression, and the ranking of presses.
+"""Accuracy-versus-compression curves, their mean over a common range (AUC), accuracy at matched compression, and
+the ranking of presses.
 
-Definitions (also printed on every page):
+Definitions (also printed on every page), per (model, dataset) page:
 
-- a press's curve: its runs' (achieved compression, accuracy) points, sorted by compression, points at the same
-  compression averaged;
-- **AUC**: the area under accuracy (percent) against achieved compression (a fraction in [0, 1]), by the trapezoid
-  rule, through the ``no_press`` reference placed at compression 0 and then the press's points. The curve is not
-  extended past the press's largest achieved compression ("measured to"), so the most a press can score is 100 times
-  that compression: compare presses measured over similar ranges. Without a reference run the curve starts at the
-  press's first point;
+- a press's points: its runs' (achieved compression, accuracy) pairs, sorted by compression, points at the same
+  compression averaged; "measured to" is its largest achieved compression;
+- a press's **curve**: the ``no_press`` reference placed at compression 0 (when there is one) and then its points,
+  compression clipped to [0, 1], joined by straight lines. A press has a curve when it has at least one point and,
+  without a reference, points at two compressions at least;
+- the **common range** [c0, c*]: c* is the smallest "measured to" among the presses that have a curve; c0 is 0 with
+  a reference, and without one the largest first-point compression among those presses, so every curve covers the
+  whole range;
+- **AUC**: the trapezoid area under a press's curve, accuracy (percent) against compression (a fraction), from c0 to
+  c* (the curve interpolated linearly at both ends), divided by the range's width c* - c0: the mean accuracy over the
+  common range, in percent like accuracy. Every press is scored over the same range, so one measured further gains
+  nothing from its points past c*. None (unranked) for a press without a curve, and for every press when the range
+  is empty (c* <= c0, e.g. a press measured only at compression 0, so c* = 0);
 - **accuracy at a level** (25/50/75%): linear interpolation between the press's own points on achieved
   compression; None (shown "-") where its points do not reach the level. A level within :data:`TOLERANCE` outside
   the outermost point counts as reached and takes that point's accuracy, because achieved ratios land a hair off the
@@ -19,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 
 from leaderboard.results import Run
 
@@ -36,17 +44,48 @@ def curve(points: Iterable[Point]) -> list[Point]:
     return [(c, sum(a) / len(a)) for c, a in sorted(by_compression.items())]
 
 
-def area_under_curve(points: Sequence[Point], reference: float | None) -> float | None:
-    """Trapezoid area of the curve through the reference at 0 and ``points``, within compression [0, 1].
+def scored_curve(points: Iterable[Point], reference: float | None) -> list[Point]:
+    """The curve the AUC averages: the reference at 0 (when there is one), then ``points`` clipped to [0, 1].
 
-    None when fewer than two points make the curve (no area to speak of).
+    A press point at 0 beside the reference makes a zero-width step: it adds no area.
     """
     line = curve((min(max(c, 0.0), 1.0), a) for c, a in points)
-    if reference is not None:  # a press point at 0 too makes a zero-width step: no area, no double counting
-        line = [(0.0, reference), *line]
-    if len(line) < 2:
+    return [(0.0, reference), *line] if reference is not None and line else line
+
+
+def has_curve(points: Sequence[Point], reference: float | None) -> bool:
+    """A curve needs two points: the reference and one of the press's, or (without reference) two of the press's."""
+    return len(scored_curve(points, reference)) >= 2
+
+
+def common_range(presses: Iterable[Sequence[Point]], reference: float | None) -> tuple[float, float] | None:
+    """(c0, c*) for the presses' points: c* the smallest "measured to" among the presses that have a curve, c0 zero
+    with a reference, else the largest first-point compression among them. None when no press has a curve; an empty
+    range (c* <= c0) is returned as is: :func:`mean_accuracy` gives None on it."""
+    lines = [scored_curve(points, reference) for points in presses if has_curve(points, reference)]
+    if not lines:
         return None
-    return sum((x1 - x0) * (y0 + y1) / 2 for (x0, y0), (x1, y1) in zip(line, line[1:], strict=False))
+    end = min(line[-1][0] for line in lines)
+    start = 0.0 if reference is not None else max(line[0][0] for line in lines)
+    return start, end
+
+
+def mean_accuracy(points: Sequence[Point], reference: float | None, start: float, end: float) -> float | None:
+    """The AUC: the trapezoid area under :func:`scored_curve` from ``start`` to ``end``, divided by ``end - start``.
+
+    The curve is interpolated linearly at both ends. None when the range is empty (``end <= start``) or the curve
+    does not cover it.
+    """
+    line = scored_curve(points, reference)
+    if end <= start or len(line) < 2 or line[0][0] > start or line[-1][0] < end:
+        return None
+    area = 0.0
+    for (x0, y0), (x1, y1) in pairwise(line):
+        lo, hi = max(x0, start), min(x1, end)
+        if hi > lo:  # so x1 > x0: the segment can be interpolated
+            y_lo, y_hi = (y0 + (y1 - y0) * (x - x0) / (x1 - x0) for x in (lo, hi))
+            area += (hi - lo) * (y_lo + y_hi) / 2
+    return area / (end - start)
 
 
 def accuracy_at(points: Sequence[Point], level: float) -> float | None:
@@ -56,15 +95,27 @@ def accuracy_at(points: Sequence[Point], level: float) -> float | None:
         return None
     if level <= line[0][0]:
         return line[0][1]
-    for (x0, y0), (x1, y1) in zip(line, line[1:], strict=False):
+    for (x0, y0), (x1, y1) in pairwise(line):
         if x0 <= level <= x1:
             return y0 + (y1 - y0) * (level - x0) / (x1 - x0)
     return line[-1][1]
 
 
+def percent_span(start: float, end: float) -> str:
+    """A compression range for headers and legends: ``0–62.5%``, whole percents without ``.0``."""
+    def short(fraction: float) -> str:
+        text = f"{100 * fraction:.1f}"
+        return text[:-2] if text.endswith(".0") else text
+
+    return f"{short(start)}–{short(end)}%"
+
+
 @dataclass(frozen=True)
 class PressSummary:
-    """One press (one line of the plot) on one (model, dataset): its points and scores; rank 0 means unranked."""
+    """One press (one line of the plot) on one (model, dataset): its points and scores; rank 0 means unranked.
+
+    ``auc`` is the mean accuracy over the page's common range (see the module's definitions).
+    """
 
     label: str
     points: tuple[Point, ...]
@@ -72,6 +123,22 @@ class PressSummary:
     measured_to: float
     at_levels: tuple[float | None, ...]
     rank: int
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """The presses of one (model, dataset), best AUC first, and the common range [start, end] = [c0, c*] their AUC
+    averages over: both None when no press has a curve; ``end <= start`` when the range is empty (no AUC)."""
+
+    presses: tuple[PressSummary, ...]
+    start: float | None
+    end: float | None
+    set_by: tuple[str, ...]  # the presses measured only to c*, which end the range
+
+    @property
+    def scored(self) -> bool:
+        """Whether the common range has width, so presses with a curve have an AUC."""
+        return self.start is not None and self.end is not None and self.end > self.start
 
 
 def reference_accuracy(runs: Iterable[Run]) -> float | None:
@@ -85,17 +152,22 @@ def plotted_runs(runs: Iterable[Run]) -> list[Run]:
     return [run for run in runs if not run.is_reference and run.accuracy is not None and run.compression is not None]
 
 
-def rank_presses(runs: Sequence[Run]) -> list[PressSummary]:
+def rank_presses(runs: Sequence[Run]) -> Ranking:
     """Every press with a plotted point, best AUC first (no AUC last, then by label); ranks count from 1."""
     reference = reference_accuracy(runs)
     by_label: dict[str, list[Point]] = {}
     for run in plotted_runs(runs):
         by_label.setdefault(run.label, []).append((run.compression, run.accuracy))
+    lines = {label: curve(points) for label, points in by_label.items()}
+    span = common_range(lines.values(), reference)
+    start, end = span if span is not None else (None, None)
     summaries = []
-    for label, points in by_label.items():
-        line = curve(points)
-        summaries.append((label, tuple(line), area_under_curve(line, reference), line[-1][0],
-                          tuple(accuracy_at(line, level) for level in LEVELS)))
+    for label, line in lines.items():
+        auc = None if span is None else mean_accuracy(line, reference, start, end)
+        summaries.append((label, tuple(line), auc, line[-1][0], tuple(accuracy_at(line, level) for level in LEVELS)))
     summaries.sort(key=lambda s: (s[2] is None, -(s[2] or 0.0), s[0]))
-    return [PressSummary(label, points, auc, measured_to, at_levels, rank=index + 1 if auc is not None else 0)
-            for index, (label, points, auc, measured_to, at_levels) in enumerate(summaries)]
+    set_by = tuple(sorted(label for label, line in lines.items()
+                          if has_curve(line, reference) and scored_curve(line, reference)[-1][0] == end))
+    presses = tuple(PressSummary(label, points, auc, measured_to, at_levels, rank=index + 1 if auc is not None else 0)
+                    for index, (label, points, auc, measured_to, at_levels) in enumerate(summaries))
+    return Ranking(presses, start, end, set_by)

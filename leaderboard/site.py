@@ -18,7 +18,16 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from evaluation.config import ConfigError
 from leaderboard.plot import accuracy_compression_svg
-from leaderboard.ranking import LEVELS, TOLERANCE, PressSummary, plotted_runs, rank_presses, reference_accuracy
+from leaderboard.ranking import (
+    LEVELS,
+    TOLERANCE,
+    PressSummary,
+    Ranking,
+    percent_span,
+    plotted_runs,
+    rank_presses,
+    reference_accuracy,
+)
 from leaderboard.results import Run, read_results
 
 MARKER = ".kvpress-eval-leaderboard"  # marks a folder this module built, so a rebuild may replace it
@@ -28,15 +37,20 @@ BEST_SHOWN = 3
 
 @dataclass(frozen=True)
 class Pair:
-    """One (model, dataset) page: its runs, the presses ranked, and the file name (``slug``) of its page and plot."""
+    """One (model, dataset) page: its runs, the presses ranked over their common compression range (``ranked``), and
+    the file name (``slug``) of its page and plot."""
 
     model: str
     dataset: str
     data_dir: str | None
     slug: str
     runs: tuple[Run, ...]
-    ranking: tuple[PressSummary, ...]
+    ranked: Ranking
     reference: float | None
+
+    @property
+    def ranking(self) -> tuple[PressSummary, ...]:
+        return self.ranked.presses
 
     @property
     def dataset_label(self) -> str:
@@ -98,7 +112,8 @@ def build_site(results: str | Path, out: str | Path) -> Path:
         if pair.ranking:
             lines = [(summary.label, summary.points) for summary in pair.ranking]  # legend in rank order
             plot = f"plots/{pair.slug}.svg"
-            _write(out / plot, accuracy_compression_svg(lines, pair.reference))
+            band = (pair.ranked.start, pair.ranked.end) if pair.ranked.scored else None
+            _write(out / plot, accuracy_compression_svg(lines, pair.reference, band))
         page = environment.get_template("pair.html").render(root="../", pair=pair, plot=plot, **context)
         _write(out / "pairs" / f"{pair.slug}.html", page)
     index = out / "index.html"
@@ -140,7 +155,7 @@ def _pairs(runs: tuple[Run, ...]) -> list[Pair]:
     pairs = []
     for key, slug in zip(keys, slugs, strict=True):
         members = tuple(sorted(groups[key], key=_run_order))
-        pairs.append(Pair(key[0], key[1], key[2] or None, slug, members, tuple(rank_presses(members)),
+        pairs.append(Pair(key[0], key[1], key[2] or None, slug, members, rank_presses(members),
                           reference_accuracy(members)))
     return pairs
 
@@ -174,8 +189,8 @@ def _environment() -> Environment:
     environment = Environment(loader=PackageLoader("leaderboard", "templates"), autoescape=True,
                               undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True,
                               keep_trailing_newline=True)
-    environment.filters.update(number=_number, percent=_percent, sort_key=_sort_key, yaml=_yaml, clip=_clip,
-                               answers=_answers)
+    environment.filters.update(number=_number, percent=_percent, span=percent_span, sort_key=_sort_key, yaml=_yaml,
+                               clip=_clip, answers=_answers)
     environment.globals["task_score"] = task_score
     return environment
 

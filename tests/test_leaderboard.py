@@ -19,7 +19,18 @@ import yaml
 
 from evaluation.config import ConfigError
 from leaderboard import build_site
-from leaderboard.ranking import accuracy_at, area_under_curve, curve
+from leaderboard.ranking import (
+    Ranking,
+    accuracy_at,
+    common_range,
+    curve,
+    has_curve,
+    mean_accuracy,
+    percent_span,
+    rank_presses,
+    scored_curve,
+)
+from leaderboard.results import read_results
 
 MODEL = "org/tiny-model"
 TASK_SCORES = {"niah_single_1": 7.0, "vt": -7.0}  # per-task score = the run's accuracy + this offset
@@ -114,25 +125,130 @@ def table_rows(html: str, table_id: str) -> list[list[str]]:
             for row in re.findall(r"<tr>(.*?)</tr>", body, re.S)]
 
 
-def test_auc_and_matched_levels_follow_their_definitions():
+def ranked(results: Path) -> Ranking:
+    """The ranking of MODEL's runs under ``results``, as its page shows it."""
+    return rank_presses([run for run in read_results(results).runs if run.model == MODEL])
+
+
+def auc_column(page: str) -> dict[str, str]:
+    """press -> (rank, AUC cell) from a page's ranking table."""
+    return {row[1]: (row[0], row[2]) for row in table_rows(page, "ranking")}
+
+
+def test_curves_and_matched_levels_follow_their_definitions():
     assert curve([(0.5, 60.0), (0.25, 70.0), (0.5, 50.0)]) == [(0.25, 70.0), (0.5, 55.0)]
-    assert area_under_curve([(0.5, 60.0)], reference=80.0) == pytest.approx((80 + 60) / 2 * 0.5)
-    assert area_under_curve([(0.5, 60.0)], reference=None) is None
-    assert area_under_curve([(0.25, 60.0), (0.75, 40.0)], reference=None) == pytest.approx(50 * 0.5)
+    assert scored_curve([(0.5, 60.0), (1.2, 40.0)], reference=80.0) == [(0.0, 80.0), (0.5, 60.0), (1.0, 40.0)]
+    assert has_curve([(0.5, 60.0)], reference=80.0) and not has_curve([(0.5, 60.0), (0.5, 70.0)], reference=None)
     points = [(0.2, 70.0), (0.6, 50.0)]
     assert accuracy_at(points, 0.5) == pytest.approx(55.0)
     assert accuracy_at(points, 0.75) is None and accuracy_at(points, 0.1) is None
     assert accuracy_at([(0.499, 70.0), (0.749, 60.0)], 0.75) == 60.0  # achieved a hair under the requested 0.75
+    assert percent_span(0.0, 0.5) == "0–50%" and percent_span(0.25, 0.749) == "25–74.9%"
+
+
+def test_auc_is_the_mean_accuracy_over_the_common_range():
+    # one press alone: c* is its own measured-to, 0.5. Area 0-0.25: (80+70)/2*0.25 = 18.75; 0.25-0.5: (70+60)/2*0.25
+    # = 16.25; (18.75 + 16.25) / 0.5 = 70
+    assert common_range([[(0.25, 70.0), (0.5, 60.0)]], reference=80.0) == (0.0, 0.5)
+    assert mean_accuracy([(0.25, 70.0), (0.5, 60.0)], 80.0, 0.0, 0.5) == pytest.approx(70.0)
+    # interpolated at c* = 0.5 between (0.25, 70) and (0.75, 50): 60. (18.75 + (70+60)/2*0.25) / 0.5 = 70
+    assert mean_accuracy([(0.25, 70.0), (0.75, 50.0)], 80.0, 0.0, 0.5) == pytest.approx(70.0)
+    # a single point with the reference: (80+60)/2 over [0, 0.5] = 70, the same as the area (35) / 0.5
+    assert mean_accuracy([(0.5, 60.0)], 80.0, 0.0, 0.5) == pytest.approx(70.0)
+    # c* = 0 (a press measured only at 0): an empty range, no AUC rather than a division by zero
+    assert common_range([[(0.0, 79.0)], [(0.5, 70.0)]], reference=80.0) == (0.0, 0.0)
+    assert mean_accuracy([(0.5, 70.0)], 80.0, 0.0, 0.0) is None
+    # no reference: the range is [largest first point, smallest last point] = [0.3, 0.6]; a lone point has no curve
+    far = [(0.3, 60.0), (0.5, 40.0), (0.8, 30.0)]
+    assert common_range([[(0.2, 70.0), (0.6, 50.0)], far, [(0.4, 90.0)]], reference=None) == (0.3, 0.6)
+    # (0.2, 70)-(0.6, 50) at 0.3: 65; mean of the straight line over [0.3, 0.6]: (65 + 50) / 2 = 57.5
+    assert mean_accuracy([(0.2, 70.0), (0.6, 50.0)], None, 0.3, 0.6) == pytest.approx(57.5)
+    # at 0.6 between (0.5, 40) and (0.8, 30): 36.667; ((60+40)/2*0.2 + (40+36.667)/2*0.1) / 0.3 = 13.8333 / 0.3
+    assert mean_accuracy(far, None, 0.3, 0.6) == pytest.approx(13.8333333 / 0.3)
+    assert mean_accuracy([(0.4, 90.0)], None, 0.3, 0.6) is None
+    # no reference, ranges that do not overlap: c0 = 0.5 > c* = 0.3, no AUC for anyone
+    assert common_range([[(0.1, 70.0), (0.3, 60.0)], [(0.5, 50.0), (0.7, 40.0)]], reference=None) == (0.5, 0.3)
+    assert mean_accuracy([(0.1, 70.0), (0.3, 60.0)], None, 0.5, 0.3) is None
+
+
+def test_a_press_measured_further_gains_nothing_from_it(tmp_path):
+    """"far" is worse than "near" where both were measured (70 against 76 at 50%) but was also measured at 90%. By the
+    old area to each press's own end it ranked first: far 37.5 + (70+60)/2*0.4 = 63.5, near (80+76)/2*0.5 = 39. Over
+    the common range [0, c* = 0.5]: far (80+70)/2 = 75, near (80+76)/2 = 78, so near ranks first."""
+    write_run(tmp_path, "r__no_press", "no_press", None, 80.0, 0.0)
+    write_run(tmp_path, "r__far__0", "far", 0.5, 70.0, 0.5)
+    write_run(tmp_path, "r__far__1", "far", 0.9, 60.0, 0.9)
+    write_run(tmp_path, "r__near__0", "near", 0.5, 76.0, 0.5)
+    ranking = ranked(tmp_path)
+    assert (ranking.start, ranking.end, ranking.set_by) == (0.0, 0.5, ("near",))
+    assert [(p.rank, p.label, p.measured_to) for p in ranking.presses] == [(1, "near", 0.5), (2, "far", 0.9)]
+    assert [p.auc for p in ranking.presses] == [pytest.approx(78.0), pytest.approx(75.0)]
+    page = pair_page(build_site(tmp_path, tmp_path / "site").parent, MODEL)
+    assert "AUC (mean acc. 0–50%)" in page and "here 50.0%, set by near" in page
+    assert auc_column(page) == {"near": ("1", "78.00"), "far": ("2", "75.00")}
+    assert "The shaded band is the common compression range, 0–50%" in " ".join(page.split())  # plot caption
+
+
+def test_without_a_reference_presses_share_the_overlap_of_their_ranges(tmp_path):
+    # numbers as in test_auc_is_the_mean_accuracy_over_the_common_range: range [0.3, 0.6], 57.5 and 46.11
+    for i, (compression, accuracy) in enumerate([(0.2, 70.0), (0.6, 50.0)]):
+        write_run(tmp_path, f"r__knorm__{i}", "knorm", compression, accuracy, compression)
+    for i, (compression, accuracy) in enumerate([(0.3, 60.0), (0.5, 40.0), (0.8, 30.0)]):
+        write_run(tmp_path, f"r__snapkv__{i}", "snapkv", compression, accuracy, compression)
+    write_run(tmp_path, "r__tova__0", "tova", 0.4, 90.0, 0.4)  # one point, no reference: no curve, unranked
+    write_run(tmp_path, "other__tova__0", "tova", 0.4, 90.0, 0.4, model="org/other")  # alone on its page
+    for press, points in (("knorm", [(0.1, 70.0), (0.3, 50.0)]), ("snapkv", [(0.5, 60.0), (0.8, 30.0)])):
+        for i, (compression, accuracy) in enumerate(points):  # ranges [0.1, 0.3] and [0.5, 0.8] do not overlap
+            write_run(tmp_path, f"gap__{press}__{i}", press, compression, accuracy, compression, model="org/gap")
+    ranking = ranked(tmp_path)
+    assert (ranking.start, ranking.end, ranking.set_by) == (0.3, 0.6, ("knorm",))
+    site = build_site(tmp_path, tmp_path / "site").parent
+    assert 'id="no-curve"' in pair_page(site, "org/other")  # no press with a curve: no range at all
+    gap = pair_page(site, "org/gap")
+    assert ("the latest first point is at 50.0% compression and the earliest last point (c*, knorm) at 30.0%"
+            in " ".join(gap.split()))
+    assert auc_column(gap) == {"knorm": ("-", "-"), "snapkv": ("-", "-")}
+    page = pair_page(site, MODEL)
+    assert auc_column(page) == {"knorm": ("1", "57.50"), "snapkv": ("2", "46.11"), "tova": ("-", "-")}
+    assert "AUC (mean acc. 30–60%)" in page and 'id="no-reference"' in page and 'id="no-common-range"' not in page
+
+
+def test_an_empty_common_range_gives_no_auc_and_a_notice(tmp_path):
+    write_run(tmp_path, "r__no_press", "no_press", None, 80.0, 0.0)
+    write_run(tmp_path, "r__knorm__0", "knorm", 0.5, 70.0, 0.5)
+    write_run(tmp_path, "r__snapkv__0", "snapkv", 0.0, 79.0, 0.0)  # measured only at 0: c* = 0
+    ranking = ranked(tmp_path)
+    assert (ranking.start, ranking.end, ranking.scored) == (0.0, 0.0, False)
+    assert [(p.label, p.auc, p.rank) for p in ranking.presses] == [("knorm", None, 0), ("snapkv", None, 0)]
+    site = build_site(tmp_path, tmp_path / "site").parent
+    page = pair_page(site, MODEL)
+    notice = re.search(r'<p class="notice" id="no-common-range">(.*?)</p>', page, re.S).group(1)
+    assert "snapkv was measured only at 0.0% compression, so c* = 0.0%" in " ".join(notice.split())
+    assert "<th class=\"num\">AUC</th>" in page and "shaded band" not in page  # no range to print or shade
+    assert auc_column(page) == {"knorm": ("-", "-"), "snapkv": ("-", "-")}
+    assert 'class="best"' not in (site / "index.html").read_text()  # nobody ranked, nobody best
 
 
 def test_ranking_plot_and_per_task_breakdown(site):
     page = pair_page(site, MODEL)
     ranking = table_rows(page, "ranking")
-    # rank, press, AUC, measured to, at 25/50/75%, points: knorm dominates snapkv, so it ranks above it
-    assert [row[:4] for row in ranking[:2]] == [["1", "knorm", "57.00", "75.0%"], ["2", "snapkv", "41.25", "75.0%"]]
+    # rank, press, AUC, measured to, at 25/50/75%, points. kvzap_mlp and knorm (kvpress) were measured to 50% only,
+    # so every AUC is the mean accuracy over [0, 0.5] through the reference (80) at 0:
+    # knorm ((80+78)/2*0.25 + (78+75)/2*0.25) / 0.5 = 77.75; knorm (kvpress) (80+75)/2 = 77.5;
+    # kvzap_mlp (80+72)/2 = 76; snapkv ((80+60)/2*0.25 + (60+50)/2*0.25) / 0.5 = 62.5
+    assert [row[:4] for row in ranking] == [["1", "knorm", "77.75", "75.0%"],
+                                            ["2", "knorm (kvpress)", "77.50", "50.0%"],
+                                            ["3", "kvzap_mlp", "76.00", "50.0%"],
+                                            ["4", "snapkv", "62.50", "75.0%"]]
     assert ranking[0][4:] == ["78.00", "75.00", "70.00", "3"]
-    kvzap = next(row for row in ranking if row[1] == "kvzap_mlp")
-    assert kvzap[2] == "38.00" and kvzap[4:7] == ["-", "72.00", "-"]  # one point at 50%: 25% and 75% not covered
+    assert ranking[2][4:7] == ["-", "72.00", "-"]  # kvzap_mlp: one point at 50%, 25% and 75% not covered
+    assert '<th class="num">AUC (mean acc. 0–50%)</th>' in page
+    method = re.search(r'<p class="method" id="method">(.*?)</p>', page, re.S).group(1)
+    assert "here 0–50%" in method and "(here 50.0%, set by knorm (kvpress), kvzap_mlp)" in method
+    assert "divided by c*" in method and 'id="no-common-range"' not in page
+    best = re.findall(r'<span class="best">(.*?)</span>', (site / "index.html").read_text())
+    assert best[:3] == ["1. knorm <small>77.75</small>", "2. knorm (kvpress) <small>77.50</small>",
+                        "3. kvzap_mlp <small>76.00</small>"]
     plot = re.search(r'<img src="\.\./(plots/[^"]+\.svg)"', page).group(1)
     svg = (site / plot).read_text()
     assert svg.startswith("<?xml") and "<svg" in svg
@@ -311,7 +427,7 @@ def test_site_in_headless_chromium(site, served, browser, tmp_path):
 
     browser.get(served + "index.html")
     browser.find_element(By.LINK_TEXT, MODEL).click()
-    ranked = ["knorm", "snapkv", "knorm (kvpress)", "kvzap_mlp"]  # by AUC: 57, 41.25, 38.75, 38
+    ranked = ["knorm", "knorm (kvpress)", "kvzap_mlp", "snapkv"]  # by AUC over [0, 0.5]: 77.75, 77.5, 76, 62.5
     assert column(browser, "ranking", 1) == ranked
 
     def click(header: str) -> None:
