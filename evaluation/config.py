@@ -49,7 +49,7 @@ class EvalConfig:
     data_dir: str | None = option(None, "hub config: RULER length (e.g. 4096) or one LongBench subset")
     data_files: dict = option({}, "local .jsonl/.parquet in the common layout instead of the hub: PATH (one "
                               "dataset) or DATASET=PATH,DATASET=PATH", factory=True)
-    max_samples: int | None = option(20, "at most this many samples per task (None: all)")
+    max_samples: int | None = option(10, "at most this many samples per task (None: all)")
     fraction: float = option(1.0, "then keep this fraction of them")
     max_context_length: int | None = option(None, "cut longer contexts to this many tokens (LongBench: middle cut)")
     max_new_tokens: int | None = option(None, "answer length (default: the dataset's)")
