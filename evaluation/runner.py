@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import platform
 import subprocess
+import zlib
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from importlib import metadata
@@ -152,6 +153,9 @@ def answer_group(model, tokenizer, group: list[dict], spec: RunSpec, config: Eva
     device = next(model.parameters()).device
     context_ids = truncate_context(parts.context_ids, config.max_context_length, truncation).to(device)
     press = make_press(spec, config)
+    # Presses that draw random numbers (random) use torch's global generator: seed it per context so a sample's
+    # prediction never depends on what ran before it in the process (resumed runs equal uninterrupted ones).
+    torch.manual_seed(zlib.crc32(f"{config.seed}:{group[0]['sample_id']}:{sample_index}".encode()))
     settings = generation_settings(config, max(r["max_new_tokens"] for r in group), sample_index)
     answers, ratio = answer_questions(model, tokenizer, context_ids, [q.to(device) for q in parts.question_ids],
                                       press, settings)

@@ -269,3 +269,14 @@ def test_a_finished_run_is_never_overwritten_by_bad_input(sweep, tmp_path):
     result = cli("--press", "knorm,random", "--compression_ratio", "0.25,1.0", "--output_dir", str(out))
     assert result.returncode == 2
     assert {name: (folder / PREDICTIONS_FILE).read_bytes() for name, folder in runs(out).items()} == before
+
+
+def test_random_press_predictions_do_not_depend_on_what_ran_before(tmp_path):
+    base = ["--model", "kvtiny", "--press", "random", "--compression_ratio", "0.5", "--ruler_length", "600",
+            "--max_samples", "4"]
+    alone = cli(*base, "--ruler_tasks", "vt", "--output_dir", str(tmp_path / "alone"))
+    after = cli(*base, "--ruler_tasks", "niah_single_1,vt", "--output_dir", str(tmp_path / "after"))
+    assert alone.returncode == after.returncode == 0, after.stderr
+    first = {r["sample_id"]: r["prediction"] for r in predictions(next((tmp_path / "alone").iterdir()))}
+    second = {r["sample_id"]: r["prediction"] for r in predictions(next((tmp_path / "after").iterdir()))}
+    assert first == {key: value for key, value in second.items() if key.startswith("vt")}
