@@ -21,6 +21,7 @@ from __future__ import annotations
 import ast
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -170,8 +171,22 @@ def read_kvpress_run(folder: Path) -> tuple[dict, list[dict]]:
     return config, records
 
 
-def import_run(folder: Path, output_dir: Path) -> Path:
-    """Turn one kvpress run folder into one of ours under ``output_dir``; returns the folder written."""
+@dataclass(frozen=True)
+class KvpressRun:
+    """A kvpress run folder read and interpreted: our dataset name, the press's knob and point, our records."""
+
+    config: dict
+    records: list[dict]
+    dataset: str
+    press: str
+    knob: str | None
+    value: float | None
+
+
+def load_kvpress_run(folder: Path) -> KvpressRun:
+    """Read one kvpress run folder. The knob is the registry's for a press we know, else ``threshold`` when kvpress
+    recorded one, else ``compression_ratio`` (none for ``no_press``). kvpress records the requested ratio, or nothing,
+    where we record the achieved one: records without a compression get the requested ratio (0 for ``no_press``)."""
     config, records = read_kvpress_run(folder)
     dataset = KVPRESS_DATASETS.get(str(config["dataset"]))
     if dataset is None:
@@ -185,13 +200,21 @@ def import_run(folder: Path, output_dir: Path) -> Path:
         knob = "compression_ratio"
     value = config.get(knob) if knob else None
     value = None if value is None else float(value)
+    if knob == "compression_ratio" or press == "no_press":
+        for record in records:
+            if record["compression_ratio"] is None:
+                record["compression_ratio"] = value or 0.0
+    return KvpressRun(config, records, dataset, press, knob, value)
+
+
+def import_run(folder: Path, output_dir: Path) -> Path:
+    """Turn one kvpress run folder into one of ours under ``output_dir``; returns the folder written."""
+    run = load_kvpress_run(folder)
+    config, records, dataset, press, knob, value = (run.config, run.records, run.dataset, run.press, run.knob,
+                                                     run.value)
     identity = {"imported_from": "kvpress", "source_folder": folder.name, **{k: config.get(k) for k in sorted(config)
                                                                               if k != "output_dir"}}
     target = output_dir / run_folder_name(str(config.get("model", "unknown")), dataset, press, knob, value, identity)
-    if knob == "compression_ratio" or press == "no_press":
-        for record in records:  # kvpress writes the requested ratio (or nothing): it is what we have
-            if record["compression_ratio"] is None:
-                record["compression_ratio"] = value or 0.0
     cache = PredictionCache(target)
     cache.clear()
     for record in records:

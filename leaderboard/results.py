@@ -20,7 +20,7 @@ import yaml
 
 from evaluation.cache import CONFIG_FILE, METRICS_FILE, PREDICTIONS_FILE, CacheError, PredictionCache
 from evaluation.config import ConfigError
-from evaluation.kvpress_format import KVPRESS_DATASETS, KVPRESS_PREDICTIONS, find_runs, read_kvpress_run
+from evaluation.kvpress_format import KVPRESS_PREDICTIONS, find_runs, load_kvpress_run
 from evaluation.scoring import score_run
 
 REFERENCE_PRESS = "no_press"
@@ -153,18 +153,9 @@ def _read_predictions(folder: Path) -> list[dict]:
 
 
 def _read_kvpress(folder: Path, name: str) -> Run:
-    config, records = read_kvpress_run(folder)
-    dataset = KVPRESS_DATASETS.get(str(config["dataset"]))
-    if dataset is None:
-        raise ConfigError(f"kvpress dataset '{config['dataset']}' has no scorer here: "
-                          f"choose from {', '.join(sorted(KVPRESS_DATASETS))}")
-    press = str(config.get("press_name", "unknown"))
-    knob = "threshold" if config.get("threshold") is not None else None if press == REFERENCE_PRESS else KNOBS[0]
-    value = _optional_float(config.get(knob)) if knob else None
-    if knob == KNOBS[0] or press == REFERENCE_PRESS:
-        for record in records:  # as kvpress-eval import: kvpress writes the requested ratio, or nothing
-            if record["compression_ratio"] is None:
-                record["compression_ratio"] = value or 0.0
+    run = load_kvpress_run(folder)
+    config, records, dataset, press, knob, value = (run.config, run.records, run.dataset, run.press, run.knob,
+                                                     run.value)
     metrics = score_run(dataset, records) if records else None
     settings = {k: config[k] for k in ("max_new_tokens", "max_context_length", "query_aware", "fraction", "seed",
                                        "device") if k in config}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -280,3 +281,17 @@ def test_random_press_predictions_do_not_depend_on_what_ran_before(tmp_path):
     first = {r["sample_id"]: r["prediction"] for r in predictions(next((tmp_path / "alone").iterdir()))}
     second = {r["sample_id"]: r["prediction"] for r in predictions(next((tmp_path / "after").iterdir()))}
     assert first == {key: value for key, value in second.items() if key.startswith("vt")}
+
+
+def test_run_ids_follow_the_weights_and_surrogates_of_a_local_model(tiny_model_dir, tmp_path):
+    from evaluation.models import model_fingerprint
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    before = model_fingerprint(str(folder))
+    assert model_fingerprint(str(folder)) == before
+    (folder / "kvzap-mlp").mkdir()
+    (folder / "kvzap-mlp" / "config.json").write_text('{"model_type": "kvzap"}')
+    with_surrogate = model_fingerprint(str(folder))
+    assert with_surrogate != before  # a retrained surrogate never resumes runs made with the old one
+    assert model_fingerprint("Qwen/Qwen3-8B") == "Qwen/Qwen3-8B"
