@@ -35,11 +35,12 @@ class EvalConfig:
     """Every setting of ``kvpress-eval``; ``kvpress-eval --help`` prints them with their help lines."""
 
     model: str = option(DEFAULT_MODEL, "embedded short name (kvtiny), local model folder, or hub name")
-    press: list = option(["no_press", "knorm", "snapkv", "streaming_llm"], "presses to sweep (kvpress-eval presses)",
-                         factory=True)
+    press: list = option(["no_press", "streaming_llm", "snapkv", "expected_attention", "kvzip", "kvzap_mlp"],
+                         "presses to sweep (kvpress-eval presses)", factory=True)
     compression_ratio: list = option([0.5], "points for ratio presses: fraction of KV pairs removed, in [0, 1)",
                                      factory=True)
-    threshold: list = option([], "points for threshold presses (kvzap_*): evict pairs scoring below", factory=True)
+    threshold: list = option([-4.0], "points for threshold presses (kvzap_*): evict pairs scoring below",
+                             factory=True)
     dataset: list = option(["ruler"], "datasets: ruler, longbench, longbench_e, aime25", factory=True)
     ruler_length: int = option(1024, "context length in tokens of RULER generated offline")
     ruler_tasks: list = option([], "RULER tasks (default: every task that needs no data file)", factory=True)
