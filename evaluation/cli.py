@@ -1,9 +1,9 @@
 """The ``kvpress-eval`` command.
 
-``kvpress-eval [--FLAG VALUE ...]`` runs a sweep (see ``kvpress-eval --help``); ``kvpress-eval presses`` lists the
-press registry; ``kvpress-eval smoke`` applies every press to a tiny random model; ``kvpress-eval export`` /
-``kvpress-eval import`` convert to and from kvpress's results layout. Bad input ends with one line on stderr and
-exit code 2.
+``kvpress-eval [--FLAG VALUE ...]`` runs a sweep (see ``kvpress-eval --help``). Commands: ``presses`` (the press
+registry), ``smoke`` (every press on a tiny random model), ``export`` / ``import`` (kvpress's results layout),
+``train-kvzap`` (KVzap surrogates for a model), ``compare`` (results against a baseline; exit 1 on a regression),
+``leaderboard`` (the static site). Bad input ends with one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
