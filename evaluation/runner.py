@@ -145,14 +145,14 @@ def group_by_context(records: list[dict], query_aware: bool) -> list[list[dict]]
     return list(groups.values())
 
 
-def answer_group(model, tokenizer, group: list[dict], spec: RunSpec, config: EvalConfig, sample_index: int,
+def answer_group(model, tokenizer, group: list[dict], press, config: EvalConfig, sample_index: int,
                  truncation: str) -> list[dict]:
-    """Prefill one context under a fresh press, answer its questions; one prediction record per question."""
+    """Prefill one context under ``press`` (its state is reset on entry), answer its questions; one prediction
+    record per question."""
     parts = encode_prompt(tokenizer, group[0]["context"], [r["question"] for r in group], group[0]["answer_prefix"],
                           None, config.enable_thinking, config.query_aware)
     device = next(model.parameters()).device
     context_ids = truncate_context(parts.context_ids, config.max_context_length, truncation).to(device)
-    press = make_press(spec, config)
     # Presses that draw random numbers (random) use torch's global generator: seed it per context so a sample's
     # prediction never depends on what ran before it in the process (resumed runs equal uninterrupted ones).
     torch.manual_seed(zlib.crc32(f"{config.seed}:{group[0]['sample_id']}:{sample_index}".encode()))
@@ -176,11 +176,12 @@ def sample_key(record: dict, sample_index: int, config: EvalConfig) -> str:
 
 
 def run_one(model, tokenizer, records: list[dict], spec: RunSpec, config: EvalConfig) -> RunResult:
+    # One press per run: entering it resets its state, and what it loads once (a KVzap surrogate) is not reloaded
+    # for every context. Entering it now fails before any folder exists on a missing surrogate or tokenizer.
     press = make_press(spec, config)
-    with press(model, tokenizer):  # fails now, before any folder exists, on a missing surrogate or tokenizer
+    with press(model, tokenizer):
         pass
-    press_repr = repr(make_press(spec, config))
-    identity = run_identity(config, spec, press_repr, model_fingerprint(config.model))
+    identity = run_identity(config, spec, repr(press), model_fingerprint(config.model))
     folder = Path(config.output_dir) / run_folder_name(config.model, spec.dataset, spec.press, spec.knob,
                                                         spec.value, identity)
     cache = PredictionCache(folder)
@@ -198,7 +199,7 @@ def run_one(model, tokenizer, records: list[dict], spec: RunSpec, config: EvalCo
     label = f"{spec.dataset} {spec.press}" + (f" {spec.knob}={spec.value}" if spec.knob else "")
     logger.info("%s: %d samples cached, %d contexts to run -> %s", label, len(done), len(todo), folder)
     for group, sample_index in tqdm(todo, desc=label, unit="context", leave=False):
-        for prediction in answer_group(model, tokenizer, group, spec, config, sample_index, truncation):
+        for prediction in answer_group(model, tokenizer, group, press, config, sample_index, truncation):
             if prediction["sample_id"] not in done:
                 cache.append(prediction)
                 done[prediction["sample_id"]] = prediction
