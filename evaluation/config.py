@@ -67,6 +67,10 @@ class EvalConfig:
     device: str | None = option(None, "cpu, cuda, cuda:1 ... (default: cuda if available)")
     dtype: str = option("auto", "auto, float32, bfloat16 or float16")
     attn_implementation: str = option("sdpa", "sdpa or eager (observed_attention needs eager)")
+    engine: str = option("batched", "batched: one prefill per context for every press and point, answers decoded in "
+                         "batches; sequential: one context and one run at a time (for comparison)")
+    batch_size: int | None = option(None, "rows decoded together by the batched engine (default: 32 on CPU, "
+                                    "what half the free memory holds on GPU)")
     output_dir: str = option("results/runs", "where run folders go")
     overwrite: bool = option(False, "start cached runs over instead of resuming them")
 
@@ -200,6 +204,11 @@ def validate(config: EvalConfig) -> None:
         raise ConfigError(f"--dtype must be auto, float32, bfloat16 or float16, got '{config.dtype}'")
     if config.attn_implementation not in ("sdpa", "eager", "flash_attention_2", "flash_attention_3"):
         raise ConfigError(f"--attn_implementation must be sdpa or eager, got '{config.attn_implementation}'")
+    if config.engine not in ("batched", "sequential"):
+        raise ConfigError(f"--engine must be batched or sequential, got '{config.engine}'")
+    if config.batch_size is not None and (isinstance(config.batch_size, bool) or not isinstance(config.batch_size, int)
+                                          or config.batch_size < 1):
+        raise ConfigError(f"--batch_size must be a positive integer, got {config.batch_size!r}")
     if config.ruler_length < 64:
         raise ConfigError(f"--ruler_length must be at least 64 tokens, got {config.ruler_length}")
     for name in config.press:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import platform
 import subprocess
-import zlib
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from importlib import metadata
@@ -31,10 +30,17 @@ from evaluation.cache import (
 )
 from evaluation.config import ConfigError, EvalConfig
 from evaluation.datasets.registry import get_dataset, load_records
+from evaluation.engine import (
+    PreparedRun,
+    engine_refusal,
+    execute,
+    execute_sequentially,
+    generation_settings,
+    group_by_context,
+)
 from evaluation.models import load_model, model_fingerprint, resolve_model_path
 from evaluation.scoring import score_run
-from presses import GenerationSettings, PressError, answer_questions, build_press, get_spec
-from presses.pipeline import encode_prompt
+from presses import PressError, build_press, get_spec
 
 logger = logging.getLogger("kvpress-eval")
 PROTOCOL = "kvpress-v1"  # chat template (thinking off by default), question after compression, answer prefix
@@ -85,12 +91,6 @@ def make_press(spec: RunSpec, config: EvalConfig):
     return build_press(spec.press, **kwargs)
 
 
-def generation_settings(config: EvalConfig, max_new_tokens: int, sample_index: int = 0) -> GenerationSettings:
-    return GenerationSettings(max_new_tokens=config.max_new_tokens or max_new_tokens, do_sample=config.do_sample,
-                              temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
-                              min_p=config.min_p, seed=config.seed + 1000 * sample_index)
-
-
 def run_identity(config: EvalConfig, spec: RunSpec, press_repr: str, model_revision: str) -> dict:
     """Exactly what changes this run's predictions (see ``evaluation.cache.run_id``)."""
     dataset_spec = get_dataset(spec.dataset)
@@ -125,57 +125,8 @@ def environment(config: EvalConfig, model) -> dict:
             "attn_implementation": model.config._attn_implementation}
 
 
-def truncate_context(ids: torch.Tensor, max_length: int | None, how: str) -> torch.Tensor:
-    """Keep the first ``max_length`` tokens (kvpress) or the first and last halves (LongBench's middle cut)."""
-    if max_length is None or ids.shape[1] <= max_length:
-        return ids
-    if how == "middle":
-        half = max_length // 2
-        return torch.cat([ids[:, :half], ids[:, ids.shape[1] - (max_length - half):]], dim=1)
-    return ids[:, :max_length]
-
-
-def group_by_context(records: list[dict], query_aware: bool) -> list[list[dict]]:
-    """Questions sharing a context (and answer prefix) are answered from one prefill; query-aware: one each."""
-    if query_aware:
-        return [[record] for record in records]
-    groups: dict[tuple[str, str], list[dict]] = {}
-    for record in records:
-        groups.setdefault((record["context"], record["answer_prefix"]), []).append(record)
-    return list(groups.values())
-
-
-def answer_group(model, tokenizer, group: list[dict], press, config: EvalConfig, sample_index: int,
-                 truncation: str) -> list[dict]:
-    """Prefill one context under ``press`` (its state is reset on entry), answer its questions; one prediction
-    record per question."""
-    parts = encode_prompt(tokenizer, group[0]["context"], [r["question"] for r in group], group[0]["answer_prefix"],
-                          None, config.enable_thinking, config.query_aware)
-    device = next(model.parameters()).device
-    context_ids = truncate_context(parts.context_ids, config.max_context_length, truncation).to(device)
-    # Presses that draw random numbers (random) use torch's global generator: seed it per context so a sample's
-    # prediction never depends on what ran before it in the process (resumed runs equal uninterrupted ones).
-    torch.manual_seed(zlib.crc32(f"{config.seed}:{group[0]['sample_id']}:{sample_index}".encode()))
-    settings = generation_settings(config, max(r["max_new_tokens"] for r in group), sample_index)
-    answers, ratio = answer_questions(model, tokenizer, context_ids, [q.to(device) for q in parts.question_ids],
-                                      press, settings)
-    return [
-        {"sample_id": sample_key(record, sample_index, config), "problem_id": record["sample_id"],
-         "task": record["task"], "question": record["question"], "answer_prefix": record["answer_prefix"],
-         "answer": record["answer"], "prediction": answer.text,
-         "compression_ratio": ratio, "answer_compression_ratio": answer.compression_ratio,
-         "context_length": int(context_ids.shape[1]), "question_length": int(question.shape[1]),
-         "generated_length": len(answer.token_ids), "sample_index": sample_index,
-         **{k: record[k] for k in ("all_classes", "length") if k in record}}
-        for record, answer, question in zip(group, answers, parts.question_ids, strict=True)
-    ]
-
-
-def sample_key(record: dict, sample_index: int, config: EvalConfig) -> str:
-    return record["sample_id"] if config.num_samples == 1 else f"{record['sample_id']}#{sample_index}"
-
-
-def run_one(model, tokenizer, records: list[dict], spec: RunSpec, config: EvalConfig) -> RunResult:
+def prepare_run(model, tokenizer, spec: RunSpec, config: EvalConfig) -> PreparedRun:
+    """Build the cell's press, open (or clear with ``--overwrite``) its cache and write its config.yaml."""
     # One press per run: entering it resets its state, and what it loads once (a KVzap surrogate) is not reloaded
     # for every context. Entering it now fails before any folder exists on a missing surrogate or tokenizer.
     press = make_press(spec, config)
@@ -193,19 +144,65 @@ def run_one(model, tokenizer, records: list[dict], spec: RunSpec, config: EvalCo
                 "environment": environment(config, model),
                 "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     write_text_atomically(folder / CONFIG_FILE, yaml.safe_dump(resolved, sort_keys=True))
-    truncation = get_dataset(spec.dataset).truncation
-    todo = [(group, k) for k in range(config.num_samples) for group in group_by_context(records, config.query_aware)
-            if any(sample_key(r, k, config) not in done for r in group)]
-    label = f"{spec.dataset} {spec.press}" + (f" {spec.knob}={spec.value}" if spec.knob else "")
-    logger.info("%s: %d samples cached, %d contexts to run -> %s", label, len(done), len(todo), folder)
-    for group, sample_index in tqdm(todo, desc=label, unit="context", leave=False):
-        for prediction in answer_group(model, tokenizer, group, press, config, sample_index, truncation):
-            if prediction["sample_id"] not in done:
-                cache.append(prediction)
-                done[prediction["sample_id"]] = prediction
-    metrics = score_run(spec.dataset, list(done.values()))
-    write_json_atomically(folder / METRICS_FILE, metrics)
-    return RunResult(spec, folder, metrics)
+    return PreparedRun(spec, run_label(spec), spec.dataset, press, folder, cache, done,
+                       lambda: make_press(spec, config))
+
+
+def finish_run(run: PreparedRun) -> RunResult:
+    metrics = score_run(run.spec.dataset, list(run.done.values()))
+    write_json_atomically(run.folder / METRICS_FILE, metrics)
+    return RunResult(run.spec, run.folder, metrics)
+
+
+def run_label(spec: RunSpec) -> str:
+    return f"{spec.dataset} {spec.press}" + (f" {spec.knob}={spec.value}" if spec.knob else "")
+
+
+def count_missing(runs: list[PreparedRun], groups: list[list[dict]], config: EvalConfig) -> int:
+    return sum(len(run.missing(group, k, config)) for run in runs for group in groups
+               for k in range(config.num_samples))
+
+
+def run_cells(model, tokenizer, config: EvalConfig, specs: list[RunSpec]) -> list[RunResult]:
+    """Run these cells of the sweep with a loaded model, resuming what is cached; one result per cell.
+
+    The plan (folders, caches, configs) is made here; the execution is the sweep engine
+    (:mod:`evaluation.engine`: one prefill per context for every cell, answers decoded in batches) or, with
+    ``--engine sequential``, one context and one cell at a time.
+    """
+    datasets = list(dict.fromkeys(spec.dataset for spec in specs))
+    records = {dataset: load_records(dataset, config, tokenizer) for dataset in datasets}
+    prepared = []
+    for spec in specs:
+        try:
+            prepared.append(prepare_run(model, tokenizer, spec, config))
+        except PressError as error:
+            raise ConfigError(str(error)) from None
+    total = 0
+    for run in prepared:
+        groups = group_by_context(records[run.spec.dataset], config.query_aware)
+        missing = count_missing([run], groups, config)
+        total += missing
+        logger.info("%s: %d samples cached, %d to run -> %s", run.label, len(run.done), missing,
+                    run.folder)
+    with tqdm(total=total, desc="sweep", unit="answer", dynamic_ncols=True) as progress:
+        for dataset in datasets:
+            runs = [run for run in prepared if run.spec.dataset == dataset]
+            logger.info("%s: %d samples", dataset, len(records[dataset]))
+            batched = [run for run in runs if config.engine == "batched" and engine_refusal(model, run.press) is None]
+            for run in runs:
+                if run not in batched and config.engine == "batched":
+                    logger.info("%s: runs one context at a time (%s)", run.label,
+                                engine_refusal(model, run.press))
+            try:
+                if batched:
+                    execute(model, tokenizer, records[dataset], batched, config, progress)
+                for run in runs:
+                    if run not in batched:
+                        execute_sequentially(model, tokenizer, records[dataset], run, config, progress)
+            except PressError as error:
+                raise ConfigError(str(error)) from None
+    return [finish_run(run) for run in prepared]
 
 
 def run_sweep(config: EvalConfig) -> list[RunResult]:
@@ -214,16 +211,7 @@ def run_sweep(config: EvalConfig) -> list[RunResult]:
     resolve_model_path(config.model)
     logger.info("loading %s", config.model)
     model, tokenizer = load_model(config.model, config.device, config.dtype, config.attn_implementation)
-    results = []
-    for dataset in config.dataset:
-        records = load_records(dataset, config, tokenizer)
-        logger.info("%s: %d samples", dataset, len(records))
-        for spec in (s for s in grid if s.dataset == dataset):
-            try:
-                results.append(run_one(model, tokenizer, records, spec, config))
-            except PressError as error:
-                raise ConfigError(str(error)) from None
-    return results
+    return run_cells(model, tokenizer, config, grid)
 
 
 def results_table(results: list[RunResult]) -> str:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -34,6 +35,20 @@ from torch import nn
 
 from presses import compat
 from presses.errors import PressError
+
+# While set, every press's hooks stand aside: KVzip's reconstruction passes and the sweep engine's batched decoding
+# run forwards that other presses attached to the same model must not see (see :func:`presses_paused`).
+_HOOKS_PAUSED: ContextVar[bool] = ContextVar("kvpress_eval_hooks_paused", default=False)
+
+
+@contextmanager
+def presses_paused() -> Iterator[None]:
+    """Make the hooks of every attached press inert inside the block (forwards then run as if no press were on)."""
+    token = _HOOKS_PAUSED.set(True)
+    try:
+        yield
+    finally:
+        _HOOKS_PAUSED.reset(token)
 
 
 @dataclass(frozen=True)
@@ -112,7 +127,7 @@ class BasePress:
 
     def reset(self) -> None:
         """Forget all evictions (a new context is about to be prefilled)."""
-        self._layer_state.clear()
+        self.__dict__["_state"] = {}  # a fresh dict: a state tree lent to a decoding row stays intact
         for child in self.children():
             child.reset()
 
@@ -128,6 +143,29 @@ class BasePress:
         self.__dict__["_state"] = {layer: {name: t.clone() for name, t in st.items()} for layer, st in layers.items()}
         for child, child_snapshot in zip(self.children(), snapshot["children"], strict=True):
             child.restore(child_snapshot)
+
+    def use_snapshot(self, snapshot: dict) -> None:
+        """Make ``snapshot`` (from :meth:`snapshot`) the live state without copying it: later evictions update it.
+
+        The sweep engine keeps one such tree per decoding row and lends it to the press for that row's forwards.
+        """
+        self.__dict__["_state"] = snapshot["layers"]
+        for child, child_snapshot in zip(self.children(), snapshot["children"], strict=True):
+            child.use_snapshot(child_snapshot)
+
+    def shared_work_key(self):
+        """Presses of one sweep returning equal keys compute the same costly scores for a context (KVzip's
+        reconstruction passes at every ratio): the sweep engine then hands them one dict per context, as
+        ``self.shared_work``, to compute those scores once. None: nothing to share."""
+        return None
+
+    @property
+    def shared_work(self) -> dict | None:
+        return self.__dict__.get("_shared_work")
+
+    @shared_work.setter
+    def shared_work(self, store: dict | None) -> None:
+        self.__dict__["_shared_work"] = store
 
     def evicted_mask(self, layer_idx: int) -> torch.Tensor | None:
         """Eviction mask (batch, kv_heads, k_len) of a layer, True = evicted; None before any prefill."""
@@ -170,6 +208,8 @@ class BasePress:
                 handle.remove()
 
     def _before_attention(self, module: nn.Module, args: tuple, kwargs: dict):
+        if _HOOKS_PAUSED.get():
+            return None
         cache = compat.cache_from_kwargs(kwargs)
         past = compat.cache_length(cache, module.layer_idx)
         state = self.layer_state(module.layer_idx)
@@ -187,27 +227,38 @@ class BasePress:
         return args, kwargs
 
     def _after_attention(self, module: nn.Module, args: tuple, kwargs: dict, output):
+        if _HOOKS_PAUSED.get():
+            return output
         cache = compat.cache_from_kwargs(kwargs)
         keys, values = compat.keys_values(cache, module.layer_idx)
-        hidden_states = compat.hidden_states_from(args, kwargs)
+        attentions = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+        self.update_evictions(module, compat.hidden_states_from(args, kwargs), keys, values, attentions, kwargs)
+        return output
+
+    def update_evictions(self, module: nn.Module, hidden_states: torch.Tensor, keys: torch.Tensor,
+                         values: torch.Tensor, attentions: torch.Tensor | None, kwargs: dict) -> None:
+        """Decide this layer's evictions after a forward: what the after-attention hook does.
+
+        ``hidden_states`` (batch, q_len, hidden) are this forward's attention inputs and ``keys``/``values`` the
+        layer's whole cache (batch, kv_heads, k_len, head_dim), ending with this forward's tokens. The sweep engine
+        calls it per decoding row with that row's cache.
+        """
         state = self.layer_state(module.layer_idx)
         k_len = keys.shape[2]
         is_prefill = k_len == hidden_states.shape[1]
         if not is_prefill and not self.compresses_while_decoding:
-            return output  # later tokens are kept: the mask stays at the context length
+            return  # later tokens are kept: the mask stays at the context length
         if is_prefill or "evicted" not in state:
             state.clear()
             evicted = keys.new_zeros((keys.shape[0], keys.shape[1], k_len), dtype=torch.bool)
         else:
             evicted = _pad_positions(state["evicted"], k_len)
-        attentions = output[1] if isinstance(output, tuple) and len(output) > 1 else None
         layer = LayerInputs(module, hidden_states, keys, values, attentions, evicted, kwargs)
         with torch.no_grad():  # eviction decisions are not differentiable
             new_evicted = self.compress(layer)
         if new_evicted.shape != evicted.shape or bool((evicted & ~new_evicted).any()):
             raise RuntimeError(f"{type(self).__name__}.compress must keep earlier evictions and the mask shape")
         state["evicted"] = new_evicted
-        return output
 
     def _truncate_positions(self, length: int) -> None:
         for state in self._layer_state.values():

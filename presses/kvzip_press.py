@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from presses import compat
-from presses.base_press import BasePress, LayerInputs, validate_ratio
+from presses.base_press import BasePress, LayerInputs, presses_paused, validate_ratio
 from presses.errors import PressError
 
 REPEAT_FIRST_CHUNK = "\n\nRepeat the previous context exactly."
@@ -174,6 +174,10 @@ class KVzipPress(BasePress):
             finally:
                 handle.remove()
 
+    def shared_work_key(self):
+        """The reconstruction scores depend on these settings only, not on the ratio."""
+        return ("kvzip", self.n_sink, self.kvzip_plus_normalization, self.chunk_size)
+
     def compress(self, layer: LayerInputs) -> torch.Tensor:
         return layer.evicted  # decided over all layers at once, after the whole prefill (see _after_prefill)
 
@@ -195,11 +199,17 @@ class KVzipPress(BasePress):
             return  # not a prefill into an empty cache (question tokens, decoding steps)
         if input_ids.shape[0] != 1:
             raise PressError(f"kvzip scores one context at a time: use batch size 1, got {input_ids.shape[0]}")
-        self._scoring = True
-        try:
-            scores = self._score_context(input_ids, cache, context_length)
-        finally:
-            self._scoring = False
+        shared = self.shared_work
+        scores = shared.get("scores") if shared is not None else None
+        if scores is None:
+            self._scoring = True
+            try:
+                with presses_paused():  # other presses on the model must not see the reconstruction passes
+                    scores = self._score_context(input_ids, cache, context_length)
+            finally:
+                self._scoring = False
+            if shared is not None:
+                shared["scores"] = scores
         for layer_idx, evicted in self._select(scores).items():
             self.layer_state(layer_idx)["evicted"] = evicted
 
