@@ -149,7 +149,8 @@ def prepare_run(model, tokenizer, spec: RunSpec, config: EvalConfig) -> Prepared
 
 
 def finish_run(run: PreparedRun) -> RunResult:
-    metrics = score_run(run.spec.dataset, list(run.done.values()))
+    # In sample order, not cache order (the engine appends answers as rows finish): a resumed run scores equal.
+    metrics = score_run(run.spec.dataset, [run.done[key] for key in sorted(run.done)])
     write_json_atomically(run.folder / METRICS_FILE, metrics)
     return RunResult(run.spec, run.folder, metrics)
 

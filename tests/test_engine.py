@@ -1,0 +1,164 @@
+"""The sweep engine (one prefill per context, batched decoding) against the one-at-a-time path, on the embedded model.
+
+Each test runs the same cells both ways and requires the same predictions: greedy answers token for token, sampled
+answers draw for draw (seeded per row), and the same achieved compression.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from tqdm import tqdm
+
+from evaluation.cache import PREDICTIONS_FILE, PredictionCache
+from evaluation.config import EvalConfig
+from evaluation.datasets.registry import load_records
+from evaluation.engine import PreparedRun, execute, execute_sequentially
+from evaluation.models import load_model
+from presses import (
+    AdaKVPress,
+    DecodingPress,
+    DMSPress,
+    KnormPress,
+    KVzapPress,
+    KVzipPress,
+    RandomPress,
+    SnapKVPress,
+    StreamingLLMPress,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE = EvalConfig(ruler_length=512, ruler_tasks=["niah_single_1", "vt"], max_samples=2, max_new_tokens=24)
+
+
+@pytest.fixture(scope="module")
+def kvtiny():
+    return load_model("kvtiny", "cpu", "float32", "sdpa")
+
+
+def answers(kvtiny, tmp_path: Path, factories: dict, config: EvalConfig, engine: str) -> dict:
+    """{cell: {sample_id: (prediction, compression_ratio, answer_compression_ratio)}} for one engine."""
+    model, tokenizer = kvtiny
+    records = load_records("ruler", config, tokenizer)
+    runs = [PreparedRun(name, name, "ruler", factory(), tmp_path / engine / name,
+                        PredictionCache(tmp_path / engine / name), {}, factory)
+            for name, factory in factories.items()]
+    for run in runs:
+        with run.press(model, tokenizer):  # as the runner does: fail early, load what the press loads once
+            pass
+    with tqdm(disable=True) as progress:
+        if engine == "batched":
+            execute(model, tokenizer, records, runs, config, progress)
+        else:
+            for run in runs:
+                execute_sequentially(model, tokenizer, records, run, config, progress)
+    return {run.label: {key: (p["prediction"], round(p["compression_ratio"], 6),
+                              round(p["answer_compression_ratio"], 6)) for key, p in run.done.items()}
+            for run in runs}
+
+
+def assert_same(kvtiny, tmp_path, factories, config=BASE):
+    batched = answers(kvtiny, tmp_path, factories, config, "batched")
+    sequential = answers(kvtiny, tmp_path, factories, config, "sequential")
+    assert batched == sequential
+    n = len(load_records("ruler", config, kvtiny[1])) * config.num_samples
+    assert all(len(cell) == n for cell in batched.values())
+    return batched
+
+
+def test_ratio_headwise_and_random_presses(kvtiny, tmp_path):
+    result = assert_same(kvtiny, tmp_path, {
+        "knorm": lambda: KnormPress(0.5),
+        "streaming_llm": lambda: StreamingLLMPress(0.75),
+        "adakv_snapkv": lambda: AdaKVPress(SnapKVPress(0.5)),
+        "random": lambda: RandomPress(0.5),
+    })
+    ratios = {cell: {r for _, r, _ in values.values()} for cell, values in result.items()}
+    assert all(0.45 < r <= 0.5 for r in ratios["knorm"]) and all(0.7 < r <= 0.75 for r in ratios["streaming_llm"])
+
+
+def test_kvzip_at_two_ratios_shares_its_reconstruction(kvtiny, tmp_path, monkeypatch):
+    calls = []
+    original = KVzipPress._score_context
+    monkeypatch.setattr(KVzipPress, "_score_context", lambda self, *a: calls.append(1) or original(self, *a))
+    factories = {"kvzip_0.5": lambda: KVzipPress(0.5), "kvzip_0.75": lambda: KVzipPress(0.75)}
+    batched = answers(kvtiny, tmp_path, factories, BASE, "batched")
+    contexts = len(load_records("ruler", BASE, kvtiny[1]))
+    assert len(calls) == contexts  # once per context, not once per ratio
+    assert batched == answers(kvtiny, tmp_path, factories, BASE, "sequential")
+
+
+def test_presses_that_compress_while_decoding(kvtiny, tmp_path):
+    result = assert_same(kvtiny, tmp_path, {
+        "kvzap_mlp_decoding": lambda: DMSPress(KVzapPress(model_type="mlp"), threshold=-4, sliding_window_size=16,
+                                               decoding=True),
+        "decoding_knorm": lambda: DecodingPress(base_press=KnormPress(), compression_interval=4, target_size=300,
+                                                hidden_states_buffer_size=4),
+    })
+    for values in result.values():  # evictions went on after the prefill
+        assert any(answer > context for _, context, answer in values.values())
+
+
+def test_batch_size_does_not_change_answers(kvtiny, tmp_path):
+    factories = {"snapkv": lambda: SnapKVPress(0.5), "knorm": lambda: KnormPress(0.25)}
+    one = answers(kvtiny, tmp_path / "one", factories, dataclasses.replace(BASE, batch_size=1), "batched")
+    many = answers(kvtiny, tmp_path / "many", factories, dataclasses.replace(BASE, batch_size=5), "batched")
+    assert one == many
+
+
+def test_seeded_sampling_with_two_samples(kvtiny, tmp_path):
+    config = dataclasses.replace(BASE, do_sample=True, temperature=1.5, top_k=20, num_samples=2, batch_size=3)
+    result = assert_same(kvtiny, tmp_path, {"knorm": lambda: KnormPress(0.25), "random": lambda: RandomPress(0.5)},
+                         config)
+    texts = [text for text, _, _ in result["knorm"].values()]
+    assert len(set(texts)) > len(texts) // 2  # samples differ from each other
+
+
+def test_query_aware(kvtiny, tmp_path):
+    config = dataclasses.replace(BASE, query_aware=True)
+    assert_same(kvtiny, tmp_path, {"snapkv": lambda: SnapKVPress(0.5), "kvzip": lambda: KVzipPress(0.5)}, config)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "evaluation.cli", *args], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+
+
+def lines(folder: Path) -> int:
+    return sum(path.read_bytes().count(b"\n") for path in folder.glob(f"*/{PREDICTIONS_FILE}"))
+
+
+def test_kill_in_the_middle_of_a_batch_then_resume(tiny_model_dir, tmp_path):
+    args = ["--model", tiny_model_dir, "--press", "knorm,snapkv", "--compression_ratio", "0.25,0.5",
+            "--ruler_length", "320", "--ruler_tasks", "niah_single_1", "--max_samples", "8",
+            "--max_new_tokens", "24", "--batch_size", "6"]
+    reference = cli(*args, "--output_dir", str(tmp_path / "uninterrupted"))
+    assert reference.returncode == 0, reference.stderr
+    out = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "evaluation.cli", *args, "--output_dir", str(out)], cwd=ROOT,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (out.exists() and 3 <= lines(out) < 32):
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert 3 <= lines(out) < 32  # killed with some, not all, of the 4 cells x 8 answers written
+    resumed = cli(*args, "--output_dir", str(out))
+    assert resumed.returncode == 0, resumed.stderr
+    for folder in (tmp_path / "uninterrupted").iterdir():
+        expected = {json.loads(line)["sample_id"]: json.loads(line)["prediction"]
+                    for line in (folder / PREDICTIONS_FILE).read_text().splitlines()}
+        rows = [json.loads(line) for line in (out / folder.name / PREDICTIONS_FILE).read_text().splitlines()]
+        assert len(rows) == len({r["sample_id"] for r in rows}) == 8  # nothing lost, nothing duplicated
+        assert {r["sample_id"]: r["prediction"] for r in rows} == expected
+        assert json.loads((out / folder.name / "metrics.json").read_text()) == \
+            json.loads((folder / "metrics.json").read_text())
