@@ -45,9 +45,29 @@ class SharedContext:
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
 
+    _blocked: dict = field(default_factory=dict, repr=False)
+
     @property
     def length(self) -> int:
         return self.keys[0].shape[1]
+
+    def blocked(self, layer: int, masks: list[torch.Tensor | None]) -> torch.Tensor | None:
+        """Its rows' eviction masks of a layer stacked (rows, kv_heads, n), or None if none evicts anything.
+
+        Kept from one step to the next while the masks are the same objects (no row joined, left or evicted more),
+        so a decode step does not rebuild them.
+        """
+        cached = self._blocked.get(layer)
+        if cached is not None and len(cached[0]) == len(masks) and all(
+                a is b for a, b in zip(cached[0], masks, strict=True)):
+            return cached[1]
+        if all(mask is None for mask in masks):
+            stacked = None
+        else:
+            empty = torch.zeros(self.keys[layer].shape[:2], dtype=torch.bool, device=self.keys[layer].device)
+            stacked = torch.stack([empty if mask is None else mask for mask in masks])
+        self._blocked[layer] = (masks, stacked)  # holding the masks keeps their identities unique
+        return stacked
 
     @classmethod
     def from_cache(cls, cache, n_layers: int) -> SharedContext:
@@ -178,9 +198,8 @@ def shared_context_attention(module: nn.Module, query: torch.Tensor, key: torch.
         q = queries[part]
         context_keys, context_values = context.keys[layer], context.values[layer]
         context_logits = torch.einsum("rkgqd,knd->rkgqn", q, context_keys).float() * scaling
-        masks = [slots.rows[forward.start + i].evicted[layer] for i in members]
-        if any(mask is not None for mask in masks):
-            blocked = torch.stack([m if m is not None else _no_eviction(context_keys) for m in masks])
+        blocked = context.blocked(layer, [slots.rows[forward.start + i].evicted[layer] for i in members])
+        if blocked is not None:
             context_logits.masked_fill_(blocked[:, :, None, None, :], float("-inf"))
         own_logits = torch.einsum("rkgqd,rkmd->rkgqm", q, own_keys[part]).float() * scaling
         own_logits.masked_fill_(own_blocked[part], float("-inf"))
@@ -193,10 +212,6 @@ def shared_context_attention(module: nn.Module, query: torch.Tensor, key: torch.
         output[part] = mixed / total
     output = output.view(rows, heads, q_len, head_dim).transpose(1, 2).to(query.dtype).contiguous()
     return output, None
-
-
-def _no_eviction(context_keys: torch.Tensor) -> torch.Tensor:
-    return torch.zeros(context_keys.shape[:2], dtype=torch.bool, device=context_keys.device)
 
 
 def _contiguous(members: list[int]) -> bool:

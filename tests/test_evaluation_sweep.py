@@ -237,6 +237,9 @@ def test_help_explains_every_flag():
     (["--model", "/no/such/model"], "model path '/no/such/model' does not exist"),
     (["--pres", "knorm"], "did you mean --press"),
     (["--ruler_tasks", "qa_1"], "--squad_path"),
+    (["--engine", "fast"], "--engine must be batched or sequential"),
+    (["--batch_size", "0"], "--batch_size must be a positive integer"),
+    (["--batch_size", "many"], "--batch_size must be a positive integer"),
 ])
 def test_bad_input_is_one_line_exit_2_and_creates_nothing(args, message, tmp_path, monkeypatch, capsys):
     out = tmp_path / "results"
