@@ -166,7 +166,7 @@ def answer_group(model, tokenizer, group: list[dict], press, config: EvalConfig,
          "compression_ratio": ratio, "answer_compression_ratio": answer.compression_ratio,
          "context_length": int(context_ids.shape[1]), "question_length": int(question.shape[1]),
          "generated_length": len(answer.token_ids), "sample_index": sample_index,
-         **{k: record[k] for k in ("all_classes", "length") if k in record}}
+         **{k: record[k] for k in ("all_classes", "length", "needle_length", "needle_depth") if k in record}}
         for record, answer, question in zip(group, answers, parts.question_ids, strict=True)
     ]
 
