@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import pytest
 
-from evaluation.metrics import get_metric, score_dataset
+from evaluation.metrics import get_metric, loogle, math500, needle, score_dataset, zero_scrolls
 from evaluation.metrics import infinitebench as ib
 from evaluation.metrics import longbench_v2 as lb2
-from evaluation.metrics import loogle, math500, needle, zero_scrolls
 
 NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
 
