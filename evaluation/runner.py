@@ -104,6 +104,7 @@ def run_identity(config: EvalConfig, spec: RunSpec, press_repr: str, model_revis
         "max_new_tokens": config.max_new_tokens, "query_aware": config.query_aware,
         "enable_thinking": config.enable_thinking, "generation": asdict(generation_settings(config, 0)),
         "num_samples": config.num_samples, "protocol": PROTOCOL,
+        **{name: getattr(config, name) for name in dataset_spec.identity_fields},  # e.g. the needle grid
     }
 
 

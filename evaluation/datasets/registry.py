@@ -53,6 +53,8 @@ class DatasetSpec:
     # A --data_files file: the columns it needs, and how its rows become records (None: rows are records).
     required_columns: tuple[str, ...] = REQUIRED_COLUMNS
     from_rows: Callable[[list[dict], EvalConfig, object], list[dict]] | None = None
+    # Settings that change this dataset's records beyond the ones every run id holds (the needle grid).
+    identity_fields: tuple[str, ...] = ()
 
 
 DATASETS: dict[str, DatasetSpec] = {}
@@ -270,4 +272,5 @@ register(DatasetSpec("math500", _hub("alessiodevoto/math500"), "math500", "head"
                      "MATH-500 (alessiodevoto/math500), boxed answers"))
 register(DatasetSpec("needle_in_haystack", load_needle, "needle_in_haystack", "head",
                      "needle in a haystack over --needle_lengths x --needle_depths, generated offline",
-                     capped=False, required_columns=("context",), from_rows=needle_from_haystack))
+                     capped=False, required_columns=("context",), from_rows=needle_from_haystack,
+                     identity_fields=("needle_lengths", "needle_depths", "needle_haystack")))
