@@ -291,6 +291,11 @@ def validate_needle(config: EvalConfig) -> None:
         check_grid(config.needle_lengths, config.needle_depths)
     except NeedleError as error:
         raise ConfigError(str(error)) from None
+    haystack = config.needle_haystack
+    if haystack and Path(haystack).suffix in (".txt", ".jsonl", ".json", ".parquet") \
+            and not Path(haystack).expanduser().is_file():
+        raise ConfigError(f"--needle_haystack '{haystack}' does not exist: give a .txt, .jsonl or .parquet file "
+                          "or a hub dataset name")
 
 
 def check_needle_flags(config: EvalConfig, given: set[str]) -> None:

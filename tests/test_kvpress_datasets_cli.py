@@ -114,6 +114,7 @@ def test_needle_haystack_file_and_kvpress_spellings(tmp_path):
     (["--dataset", "needle_in_haystack", "--needle_lengths", "5e2x"], "takes whole numbers"),
     (["--needle_lengths", "512"], "only used by --dataset needle_in_haystack"),
     (["--ruler_length", "1024,32"], "--ruler_length must be at least 64"),
+    (["--dataset", "needle_in_haystack", "--needle_haystack", "/no/essays.txt"], "does not exist"),
 ])
 def test_bad_needle_and_ruler_flags(args, message, tmp_path, monkeypatch, capsys):
     out = tmp_path / "results"

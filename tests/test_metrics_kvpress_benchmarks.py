@@ -181,6 +181,8 @@ CHOICE_QUESTION = "Which one?\nA. the river\nB. the mountain\nC. the sea\nD. the
     ("longbook_choice_eng", "the mountain", "B", 1.0),  # the option's text is a label too
     ("longbook_choice_eng", "", "B", 0.0),
     ("code_debug", "Option B", "B", 1.0),
+    # InfiniteBench's own rule (kvpress refuses the task): HF evaluate's rougeLsum, no stemmer: LCS 3, P 1, R 3/6.
+    ("longbook_sum_eng", "the cat sat", ["the cat sat on the mat"], 2 / 3),
 ])
 def test_infinitebench_scorers(task, prediction, answer, expected):
     question = CHOICE_QUESTION if task in ib.CHOICE_TASKS else ""
