@@ -263,7 +263,10 @@ def validate(config: EvalConfig) -> None:
         raise ConfigError(f"--dtype must be auto, float32, bfloat16 or float16, got '{config.dtype}'")
     if config.attn_implementation not in ("sdpa", "eager", "flash_attention_2", "flash_attention_3"):
         raise ConfigError(f"--attn_implementation must be sdpa or eager, got '{config.attn_implementation}'")
-    for length in config.ruler_length if isinstance(config.ruler_length, list) else [config.ruler_length]:
+    lengths = config.ruler_length if isinstance(config.ruler_length, list) else [config.ruler_length]
+    lengths = lengths + [int(name[len("ruler-"):]) for name in config.dataset
+                         if name.startswith("ruler-") and name[len("ruler-"):].isdigit()]
+    for length in lengths:
         if length < 64:
             raise ConfigError(f"--ruler_length must be at least 64 tokens, got {length}")
     for name in config.press:

@@ -108,7 +108,10 @@ def export_run(folder: Path, out: Path) -> Path:
     frame.to_csv(target / KVPRESS_PREDICTIONS, index=False)
     metrics = score_run(dataset, predictions)
     write_json_atomically(target / METRICS_FILE, kvpress_metrics(dataset, metrics))
-    config = {"dataset": "longbench-e" if dataset == "longbench_e" else dataset, "data_dir": identity.get("data_dir"),
+    kvpress_dataset, data_dir = dataset, identity.get("data_dir")
+    if dataset.startswith("ruler-"):  # one length of a multi-length sweep: kvpress's ruler, that length's data_dir
+        kvpress_dataset, data_dir = "ruler", dataset[len("ruler-"):]
+    config = {"dataset": "longbench-e" if dataset == "longbench_e" else kvpress_dataset, "data_dir": data_dir,
               "model": identity["model"], "device": resolved.get("environment", {}).get("device"),
               "press_name": press, "compression_ratio": value if knob == "compression_ratio" else 0.0,
               "threshold": value if knob == "threshold" else None, "fraction": settings.get("fraction", 1.0),

@@ -17,6 +17,7 @@ from evaluation.cache import CONFIG_FILE, METRICS_FILE, PREDICTIONS_FILE
 from evaluation.cli import main
 from evaluation.config import resolve_config
 from evaluation.datasets.registry import load_records
+from evaluation.kvpress_format import export_kvpress, import_kvpress
 
 ROOT = Path(__file__).resolve().parent.parent
 STORY = "The grass is green. " * 20 + "Ada wrote the first program. " + "The sky is blue. " * 20
@@ -90,6 +91,21 @@ def test_needle_predictions_and_metrics_carry_the_grid(sweep):
     assert all(set(c) == {"length", "depth", "score", "exact", "n"} and 0 <= c["score"] <= 100 for c in cells)
 
 
+def test_kvpress_layout_round_trip_of_needle_and_ruler_lengths(sweep, tmp_path):
+    _, out = sweep
+    folders = {path.name: path for path in export_kvpress(str(out), str(tmp_path / "kvpress"))}
+    assert {"ruler__300__tiny", "ruler__400__tiny"} <= {name.split("-qwen3")[0] for name in folders}
+    ruler = next(path for name, path in folders.items() if name.startswith("ruler__400__"))
+    assert set(json.loads((ruler / METRICS_FILE).read_text())) == {"niah_single_1"}
+    needle_folder = next(path for name, path in folders.items() if name.startswith("needle_in_haystack__"))
+    ours = json.loads((run_folders(out)["needle_in_haystack"] / METRICS_FILE).read_text())
+    kvpress = json.loads((needle_folder / METRICS_FILE).read_text())
+    assert kvpress == {"rouge1": ours["per_task"]["needle_in_haystack"]["needle_rouge1_kvpress"]}
+    imported = import_kvpress(str(tmp_path / "kvpress"), str(tmp_path / "back"))
+    back = next(path for path in imported if "__needle_in_haystack__" in path.name)
+    assert json.loads((back / METRICS_FILE).read_text())["by_length_depth"] == ours["by_length_depth"]
+
+
 def test_needle_haystack_file_and_kvpress_spellings(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(str(ROOT / "evaluation" / "embedded" / "kvtiny"))
     essays = write_jsonl(tmp_path / "essays.jsonl", [{"context": "An essay about painting. " * 40,
@@ -114,6 +130,7 @@ def test_needle_haystack_file_and_kvpress_spellings(tmp_path):
     (["--dataset", "needle_in_haystack", "--needle_lengths", "5e2x"], "takes whole numbers"),
     (["--needle_lengths", "512"], "only used by --dataset needle_in_haystack"),
     (["--ruler_length", "1024,32"], "--ruler_length must be at least 64"),
+    (["--dataset", "ruler-32"], "--ruler_length must be at least 64"),
     (["--dataset", "needle_in_haystack", "--needle_haystack", "/no/essays.txt"], "does not exist"),
 ])
 def test_bad_needle_and_ruler_flags(args, message, tmp_path, monkeypatch, capsys):
