@@ -1,11 +1,13 @@
 """The one registry of metrics, the one registry of dataset scorings, and :func:`score_dataset`.
 
 Metric names are defined once, in the benchmark modules' tables (``ruler.RULER_METRICS``,
-``longbench.LONGBENCH_METRICS``) or below for AIME, and registered here; dataset scorings say which metrics
-each task uses and how a prediction is prepared, so :func:`score_dataset` has no per-benchmark branches.
+``longbench.LONGBENCH_METRICS``, ``loogle.QA_METRICS``, ...) or below (AIME, LongBench v2, MATH-500, needle), and
+registered here; dataset scorings say which metrics each task uses and how a prediction is prepared, so
+:func:`score_dataset` has no per-benchmark branches.
 
 Scores in results are percentages rounded to 2 decimals, as RULER and LongBench report them (AIME too, for one
-scale on the leaderboard); every metric here has ``higher_is_better=True``.
+scale on the leaderboard), except ``needle_rouge1_kvpress``, kvpress's own 0-10 number; every metric here has
+``higher_is_better=True``.
 """
 
 from __future__ import annotations
@@ -231,10 +233,16 @@ DATASETS.register("zero_scrolls", DatasetScoring(
 ))
 
 
-class DatasetScores(TypedDict):
+class _DatasetReports(TypedDict, total=False):
+    """Top-level keys only some datasets add (:attr:`DatasetScoring.report`)."""
+
+    by_length_depth: list[needle.LengthDepthCell]  # needle_in_haystack: one cell per (length, depth), sorted
+
+
+class DatasetScores(_DatasetReports):
     """What :func:`score_dataset` returns (JSON-serialisable; ``null`` marks an empty LongBench-E bucket)."""
 
-    dataset: str  # the dataset scoring used ("ruler", "longbench", "longbench_e", "aime25")
+    dataset: str  # the dataset scoring used ("ruler", "longbench", "longbench_e", "needle_in_haystack", ...)
     per_task: dict[str, dict[str, float | None]]  # task -> metric name (or "<metric>/<bucket>") -> percent
     overall: float  # unrounded mean over tasks of each task's headline score
     metric: dict[str, str]  # task -> its headline metric name (the key of per_task[task] averaged into overall)
