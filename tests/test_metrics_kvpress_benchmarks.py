@@ -64,6 +64,12 @@ def test_math500_boxed_answers(prediction, answer, robust, kvpress):
     assert math500.is_correct_kvpress(prediction, [answer]) == kvpress
 
 
+def test_math500_several_references():
+    assert math500.is_correct("\\boxed{0.5}", ["\\frac{1}{2}", "0.5"]) == 1.0
+    assert math500.is_correct_kvpress("\\boxed{0.5}", ["\\frac{1}{2}", "0.5"]) == 1.0
+    assert math500.is_correct("\\boxed{.5}", ["0.5"]) == 0.0  # no numeric equivalence: strings after normalising
+
+
 def test_math500_answered_and_headline():
     records = [{"task": "algebra", "prediction": p, "answer": ["\\frac{1}{2}"]}
                for p in ("\\boxed{\\frac{1}{2}}", "no box", "\\boxed{\\frac{1}{2}")]  # the last box is unclosed
@@ -214,6 +220,11 @@ def test_zero_scrolls_metrics_per_task():
     # (P 1, R 2/5), ROUGE-L F 2/3 (LCS 3): their geometric mean.
     expected = (2 / 3 * 4 / 7 * 2 / 3) ** (1 / 3)
     assert zero_scrolls.rouge_geometric_mean("the cat sat", ["the cat sat on the mat"]) == pytest.approx(expected)
+
+
+def test_zero_scrolls_empty_prediction_scores_zero():
+    assert zero_scrolls.f1("", ["Ada"]) == 0.0 and zero_scrolls.exact("", ["Ada"]) == 0.0
+    assert zero_scrolls.rouge_geometric_mean("", ["the cat sat"]) == 0.0
 
 
 def test_zero_scrolls_without_references_scores_zero():
