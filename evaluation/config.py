@@ -41,12 +41,21 @@ class EvalConfig:
                                      factory=True)
     threshold: list = option([-4.0], "points for threshold presses (kvzap_*): evict pairs scoring below",
                              factory=True)
-    dataset: list = option(["ruler"], "datasets: ruler, longbench, longbench_e, aime25", factory=True)
-    ruler_length: int = option(1024, "context length in tokens of RULER generated offline")
+    dataset: list = option(["ruler"], "datasets: ruler, longbench, longbench_e (or longbench-e), longbench-v2, "
+                           "loogle, zero_scrolls, infinitebench, needle_in_haystack, aime25, math500", factory=True)
+    ruler_length: int | list = option(1024, "context length in tokens of RULER generated offline; several "
+                                      "(1024,4096) make one dataset per length: ruler-1024, ruler-4096")
     ruler_tasks: list = option([], "RULER tasks (default: every task that needs no data file)", factory=True)
     essay_path: str | None = option(None, "RULER: essay text for the essay-haystack NIAH tasks (enables them)")
     squad_path: str | None = option(None, "RULER: SQuAD v2.0 dev json for qa_1 (enables it)")
     hotpotqa_path: str | None = option(None, "RULER: HotpotQA dev distractor json for qa_2 (enables it)")
+    needle_lengths: list = option([1024], "needle_in_haystack: context lengths in tokens of the grid",
+                                  factory=True)
+    needle_depths: list = option([0.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 100.0],
+                                 "needle_in_haystack: needle depths in percent of the haystack (0-100)",
+                                 factory=True)
+    needle_haystack: str | None = option(None, "needle_in_haystack: haystack text, a .txt/.jsonl/.parquet file "
+                                         "or a hub name (alessiodevoto/paul_graham_essays) [default: built in]")
     data_dir: str | None = option(None, "hub config: RULER length (e.g. 4096) or one LongBench subset")
     data_files: dict = option({}, "local .jsonl/.parquet in the common layout instead of the hub: PATH (one "
                               "dataset) or DATASET=PATH,DATASET=PATH", factory=True)
@@ -92,8 +101,11 @@ def help_text() -> str:
     return "\n".join(lines)
 
 
-LIST_FIELDS = ("press", "compression_ratio", "threshold", "dataset", "ruler_tasks")
-FLOAT_LIST_FIELDS = ("compression_ratio", "threshold")
+LIST_FIELDS = ("press", "compression_ratio", "threshold", "dataset", "ruler_tasks", "needle_lengths",
+               "needle_depths")
+FLOAT_LIST_FIELDS = ("compression_ratio", "threshold", "needle_depths")
+INT_LIST_FIELDS = ("needle_lengths",)
+NEEDLE_FIELDS = ("needle_lengths", "needle_depths", "needle_haystack")
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(EvalConfig))
 
 
@@ -111,7 +123,46 @@ def _as_list(name: str, value) -> list:
             return [float(item) for item in items]
         except (TypeError, ValueError):
             raise ConfigError(f"--{name} takes numbers (e.g. --{name} 0.25,0.5), got {value!r}") from None
+    if name in INT_LIST_FIELDS:
+        try:
+            return [_whole(item) for item in items]
+        except (TypeError, ValueError):
+            raise ConfigError(f"--{name} takes whole numbers (e.g. --{name} 512,1024), got {value!r}") from None
     return [str(item) for item in items]
+
+
+def _whole(item) -> int:
+    number = float(item)
+    if not number.is_integer():
+        raise ValueError(item)
+    return int(number)
+
+
+def _ruler_lengths(value) -> int | list[int]:
+    """``--ruler_length``: one length (an int, the single-length default's run ids unchanged) or several."""
+    try:
+        lengths = [_whole(item) for item in (_as_list("ruler_length", value) if not isinstance(value, (int, float))
+                                             else [value])]
+    except (TypeError, ValueError):
+        raise ConfigError(f"--ruler_length takes whole numbers (e.g. --ruler_length 1024,4096), got {value!r}") \
+            from None
+    if not lengths:
+        raise ConfigError("--ruler_length is empty: give a length in tokens (e.g. --ruler_length 1024)")
+    return lengths[0] if len(lengths) == 1 else list(dict.fromkeys(lengths))
+
+
+def expand_datasets(datasets: list[str], ruler_length: int | list[int]) -> list[str]:
+    """Datasets as the sweep runs them: kvpress spellings in ours, and ``ruler`` once per length when several."""
+    from evaluation.datasets.registry import RULER_LENGTH_PREFIX, canonical_name
+
+    expanded: list[str] = []
+    for name in datasets:
+        name = canonical_name(name)
+        if name == "ruler" and isinstance(ruler_length, list):
+            expanded.extend(f"{RULER_LENGTH_PREFIX}{length}" for length in ruler_length)
+        else:
+            expanded.append(name)
+    return list(dict.fromkeys(expanded))
 
 
 def read_yaml(path: str) -> dict:
@@ -144,23 +195,29 @@ def resolve_config(config_file: str | None = None, **cli) -> EvalConfig:
     for name in LIST_FIELDS:
         if name in settings:
             settings[name] = _as_list(name, settings[name])
-    datasets = settings.get("dataset", EvalConfig().dataset)
+    if "ruler_length" in settings:
+        settings["ruler_length"] = _ruler_lengths(settings["ruler_length"])
+    datasets = expand_datasets(settings.get("dataset", EvalConfig().dataset),
+                               settings.get("ruler_length", EvalConfig().ruler_length))
+    if "dataset" in settings:
+        settings["dataset"] = datasets
     if "data_files" in settings:
         settings["data_files"] = _data_files(settings["data_files"], datasets)
     config = EvalConfig(**settings)
     validate(config)
     check_knobs(config, given=set(settings))
+    check_needle_flags(config, given=set(settings))
     return config
 
 
 def _data_files(value, datasets: list[str]) -> dict[str, str]:
     """``--data_files`` as {dataset: path}: a mapping (YAML), ``name=path,name=path``, or one path for one dataset."""
     if isinstance(value, dict):
-        files = {str(name): str(path) for name, path in value.items()}
+        files = {_canonical(str(name)): str(path) for name, path in value.items()}
     else:
         items = _as_list("data_files", value)
         if all("=" in item for item in items):
-            files = dict(item.split("=", 1) for item in items)
+            files = {_canonical(name): path for name, path in (item.split("=", 1) for item in items)}
         elif len(items) == 1 and len(datasets) == 1:
             files = {datasets[0]: items[0]}
         else:
@@ -172,6 +229,12 @@ def _data_files(value, datasets: list[str]) -> dict[str, str]:
         if not Path(path).expanduser().is_file():
             raise ConfigError(f"--data_files: '{path}' does not exist: give a .jsonl or .parquet file")
     return files
+
+
+def _canonical(name: str) -> str:
+    from evaluation.datasets.registry import canonical_name
+
+    return canonical_name(name)
 
 
 def check_knobs(config: EvalConfig, given: set[str]) -> None:
@@ -209,17 +272,50 @@ def validate(config: EvalConfig) -> None:
     if config.batch_size is not None and (isinstance(config.batch_size, bool) or not isinstance(config.batch_size, int)
                                           or config.batch_size < 1):
         raise ConfigError(f"--batch_size must be a positive integer, got {config.batch_size!r}")
-    if config.ruler_length < 64:
-        raise ConfigError(f"--ruler_length must be at least 64 tokens, got {config.ruler_length}")
+    lengths = config.ruler_length if isinstance(config.ruler_length, list) else [config.ruler_length]
+    lengths = lengths + [int(name[len("ruler-"):]) for name in config.dataset
+                         if name.startswith("ruler-") and name[len("ruler-"):].isdigit()]
+    for length in lengths:
+        if length < 64:
+            raise ConfigError(f"--ruler_length must be at least 64 tokens, got {length}")
     for name in config.press:
         get_spec(name)  # unknown press: a one-line error with close matches
-    if "ruler" in config.dataset and config.data_dir is None and "ruler" not in config.data_files:
+    validate_needle(config)
+    # RULER generated offline: "ruler" without --data_dir, every "ruler-<length>"; none read from --data_files.
+    generated = [name for name in config.dataset if name not in config.data_files
+                 and ((name == "ruler" and config.data_dir is None) or name.startswith("ruler-"))]
+    if generated:
         try:
             resolve_tasks(config.ruler_tasks or None, ruler_sources(config))
         except ValueError as error:
             raise ConfigError(str(error).replace("pass essay_path=", "pass --essay_path ")
                               .replace("pass squad_path=", "pass --squad_path ")
                               .replace("pass hotpotqa_path=", "pass --hotpotqa_path ")) from None
+
+
+def validate_needle(config: EvalConfig) -> None:
+    """The needle grid's rules that need no tokenizer (the needle's own length is checked when it is tokenized)."""
+    from evaluation.datasets.needle import NeedleError, check_grid
+
+    if "needle_in_haystack" not in config.dataset:
+        return
+    try:
+        check_grid(config.needle_lengths, config.needle_depths)
+    except NeedleError as error:
+        raise ConfigError(str(error)) from None
+    haystack = config.needle_haystack
+    if haystack and Path(haystack).suffix in (".txt", ".jsonl", ".json", ".parquet") \
+            and not Path(haystack).expanduser().is_file():
+        raise ConfigError(f"--needle_haystack '{haystack}' does not exist: give a .txt, .jsonl or .parquet file "
+                          "or a hub dataset name")
+
+
+def check_needle_flags(config: EvalConfig, given: set[str]) -> None:
+    """Needle flags given explicitly without --dataset needle_in_haystack would be silently ignored."""
+    unused = [name for name in NEEDLE_FIELDS if name in given]
+    if unused and "needle_in_haystack" not in config.dataset:
+        raise ConfigError(f"--{unused[0]} is only used by --dataset needle_in_haystack, which is not in --dataset "
+                          f"({', '.join(config.dataset)})")
 
 
 def ruler_sources(config: EvalConfig) -> RulerSources:

@@ -74,7 +74,7 @@ def prediction_record(record: dict, sample_index: int, config: EvalConfig, predi
             "compression_ratio": context_ratio, "answer_compression_ratio": answer_ratio,
             "context_length": context_length, "question_length": question_length,
             "generated_length": len(tokens), "sample_index": sample_index,
-            **{k: record[k] for k in ("all_classes", "length") if k in record}}
+            **{k: record[k] for k in ("all_classes", "length", "needle_length", "needle_depth") if k in record}}
 
 
 def encode_group(tokenizer, group: list[dict], config: EvalConfig, truncation: str, device) -> PromptParts:

@@ -45,7 +45,9 @@ logger = logging.getLogger("kvpress-eval")
 
 KVPRESS_PREDICTIONS = "predictions.csv"
 KVPRESS_DATASETS = {"ruler": "ruler", "longbench": "longbench", "longbench-e": "longbench_e",
-                    "longbench_e": "longbench_e", "aime25": "aime25"}
+                    "longbench_e": "longbench_e", "aime25": "aime25", "longbench-v2": "longbench-v2",
+                    "loogle": "loogle", "zero_scrolls": "zero_scrolls", "infinitebench": "infinitebench",
+                    "needle_in_haystack": "needle_in_haystack", "math500": "math500"}
 LIST_COLUMNS = ("answer", "answers", "all_classes")
 
 
@@ -65,6 +67,10 @@ def find_runs(results: str | Path, marker: str) -> list[Path]:
 def kvpress_metrics(dataset: str, metrics: dict) -> dict:
     """Our metrics.json in the shape kvpress's scorer writes for ``dataset``."""
     per_task = metrics["per_task"]
+    if dataset.startswith("ruler-"):  # one length of a multi-length sweep: kvpress's ruler with that data_dir
+        dataset = "ruler"
+    if dataset == "needle_in_haystack":
+        return {"rouge1": next(iter(per_task.values()))["needle_rouge1_kvpress"]}
     if dataset == "ruler":
         return {task: {"string_match": scores[metrics["metric"][task]]} for task, scores in per_task.items()}
     if dataset == "aime25":
@@ -77,6 +83,8 @@ def kvpress_metrics(dataset: str, metrics: dict) -> dict:
 
 
 def kvpress_folder_name(dataset: str, data_dir: str | None, model: str, press: str, value: float | None) -> str:
+    if dataset.startswith("ruler-"):
+        dataset, data_dir = "ruler", dataset[len("ruler-"):]
     kvpress_dataset = "longbench-e" if dataset == "longbench_e" else dataset
     parts = [kvpress_dataset, data_dir or "", model.rstrip("/").replace("/", "--"), press, f"{value or 0.0:.2f}"]
     return "__".join(part for part in parts if part)
@@ -100,7 +108,10 @@ def export_run(folder: Path, out: Path) -> Path:
     frame.to_csv(target / KVPRESS_PREDICTIONS, index=False)
     metrics = score_run(dataset, predictions)
     write_json_atomically(target / METRICS_FILE, kvpress_metrics(dataset, metrics))
-    config = {"dataset": "longbench-e" if dataset == "longbench_e" else dataset, "data_dir": identity.get("data_dir"),
+    kvpress_dataset, data_dir = dataset, identity.get("data_dir")
+    if dataset.startswith("ruler-"):  # one length of a multi-length sweep: kvpress's ruler, that length's data_dir
+        kvpress_dataset, data_dir = "ruler", dataset[len("ruler-"):]
+    config = {"dataset": "longbench-e" if dataset == "longbench_e" else kvpress_dataset, "data_dir": data_dir,
               "model": identity["model"], "device": resolved.get("environment", {}).get("device"),
               "press_name": press, "compression_ratio": value if knob == "compression_ratio" else 0.0,
               "threshold": value if knob == "threshold" else None, "fraction": settings.get("fraction", 1.0),
@@ -147,7 +158,8 @@ def read_kvpress_run(folder: Path) -> tuple[dict, list[dict]]:
         raise ConfigError(f"{folder} has {KVPRESS_PREDICTIONS} but no {CONFIG_FILE}: not a kvpress run folder")
     config = yaml.safe_load(config_file.read_text()) or {}
     frame = pd.read_csv(predictions_file)
-    answer_column = "answer" if "answer" in frame.columns else "answers"
+    # needle_in_haystack frames have no answer column: the needle is what the answer is scored against.
+    answer_column = next((c for c in ("answer", "answers", "needle") if c in frame.columns), "answer")
     missing = [c for c in ("predicted_answer", answer_column) if c not in frame.columns]
     if missing or "dataset" not in config:
         what = f"column '{missing[0]}'" if missing else f"'dataset' in {CONFIG_FILE}"
@@ -167,6 +179,10 @@ def read_kvpress_run(folder: Path) -> tuple[dict, list[dict]]:
             record["all_classes"] = _as_list(row["all_classes"])
         if not _missing(row.get("length")):
             record["length"] = int(row["length"])
+        if not _missing(row.get("needle_depth")):  # kvpress runs one max_context_length: the grid's length
+            record["needle_depth"] = float(row["needle_depth"])
+            length = row.get("needle_length")  # our exports carry it; kvpress's own runs have one length per run
+            record["needle_length"] = int(config.get("max_context_length") or 0) if _missing(length) else int(length)
         records.append(record)
     return config, records
 

@@ -29,7 +29,7 @@ from evaluation.cache import (
     write_text_atomically,
 )
 from evaluation.config import ConfigError, EvalConfig
-from evaluation.datasets.registry import get_dataset, load_records
+from evaluation.datasets.registry import get_dataset, load_records, ruler_length_of
 from evaluation.engine import (
     PreparedRun,
     engine_refusal,
@@ -97,13 +97,16 @@ def run_identity(config: EvalConfig, spec: RunSpec, press_repr: str, model_revis
     return {
         "model": config.model, "model_revision": model_revision, "dtype": config.dtype, "dataset": spec.dataset,
         "dataset_version": dataset_spec.version, "data_dir": config.data_dir,
-        "data_files": config.data_files.get(spec.dataset), "ruler_length": config.ruler_length,
+        "data_files": config.data_files.get(spec.dataset),
+        # A ruler-<length> run is identified by its own length, not by the whole --ruler_length list.
+        "ruler_length": ruler_length_of(spec.dataset) or config.ruler_length,
         "ruler_tasks": config.ruler_tasks,
         "ruler_sources": [config.essay_path, config.squad_path, config.hotpotqa_path],
         "press": press_repr, "max_context_length": config.max_context_length,
         "max_new_tokens": config.max_new_tokens, "query_aware": config.query_aware,
         "enable_thinking": config.enable_thinking, "generation": asdict(generation_settings(config, 0)),
         "num_samples": config.num_samples, "protocol": PROTOCOL,
+        **{name: getattr(config, name) for name in dataset_spec.identity_fields},  # e.g. the needle grid
     }
 
 

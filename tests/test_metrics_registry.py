@@ -13,16 +13,17 @@ from evaluation.metrics.ruler import score_ruler
 
 
 def test_dataset_names():
-    assert dataset_names() == ["aime25", "longbench", "longbench_e", "ruler"]
+    assert dataset_names() == ["aime25", "infinitebench", "longbench", "longbench-v2", "longbench_e", "loogle",
+                               "math500", "needle_in_haystack", "ruler", "zero_scrolls"]
 
 
 def test_unknown_dataset_suggests_a_close_name_on_one_line():
     with pytest.raises(ValueError) as error:
-        score_dataset("longbench-e", [])
+        score_dataset("longbench_f", [])
     message = str(error.value)
     assert "\n" not in message
     assert "did you mean 'longbench_e'" in message
-    assert "aime25, longbench, longbench_e, ruler" in message
+    assert "aime25, infinitebench, longbench, longbench-v2, longbench_e, loogle" in message
 
 
 def test_unknown_metric_suggests_a_close_name():

@@ -1,7 +1,9 @@
-"""Metrics for RULER, LongBench v1 / LongBench-E and AIME25, scored exactly as the reference implementations.
+"""Metrics for every dataset kvpress evaluates (RULER, LongBench v1 / LongBench-E / v2, LooGLE, ZeroSCROLLS,
+InfiniteBench, needle in a haystack, AIME25, MATH-500), scored exactly as the reference implementations.
 
 ``score_dataset(dataset_name, records)`` is the entry point; :data:`METRICS` is the one metric registry.
-The benchmark modules (``ruler``, ``longbench``, ``aime``) hold the reference functions themselves.
+The benchmark modules (``ruler``, ``longbench``, ``longbench_v2``, ``loogle``, ``zero_scrolls``, ``infinitebench``,
+``needle``, ``aime``, ``math500``) hold the reference functions themselves.
 """
 
 from evaluation.metrics.base import Metric, Registry
