@@ -30,6 +30,7 @@ from leaderboard.ranking import (
     rank_presses,
     scored_curve,
 )
+from leaderboard.bootstrap import interval, resample_accuracies
 from leaderboard.results import read_results
 
 MODEL = "org/tiny-model"
@@ -119,9 +120,9 @@ def pair_page(site: Path, model: str) -> str:
 
 
 def table_rows(html: str, table_id: str) -> list[list[str]]:
-    """The text of each body cell of table ``table_id``."""
+    """The text of each body cell (row headers included) of table ``table_id``."""
     body = re.search(rf'<table[^>]*id="{table_id}".*?<tbody>(.*?)</tbody>', html, re.S).group(1)
-    return [[re.sub(r"<[^>]+>", "", cell).strip() for cell in re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)]
+    return [[re.sub(r"<[^>]+>", "", cell).strip() for cell in re.findall(r"<t[dh][^>]*>(.*?)</t[dh]>", row, re.S)]
             for row in re.findall(r"<tr>(.*?)</tr>", body, re.S)]
 
 
@@ -363,6 +364,146 @@ def test_refuses_a_folder_it_did_not_build(results, tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "mine"
     with pytest.raises(ConfigError, match="not a folder of results"):
         build_site(tmp_path / "missing", tmp_path / "site")
+
+
+def answered(right: list[bool], task: str = "niah_single_1") -> list[dict]:
+    """Predictions of one task, right or wrong as given, with the sample ids a sweep gives them."""
+    return [{"sample_id": f"{task}-{i}", "task": task, "question": "q", "answer": ["42"],
+             "prediction": "42" if ok else "7", "compression_ratio": 0.0} for i, ok in enumerate(right)]
+
+
+def test_bootstrap_is_seeded_and_covers_a_known_proportion():
+    rng = __import__("numpy").random.default_rng(7)
+    samples = {"run": [(f"s{i}", "t", 100.0 * (rng.random() < 0.7)) for i in range(60)]}
+    assert (resample_accuracies(samples)["run"] == resample_accuracies(samples)["run"]).all()  # same seed, same draws
+    assert not (resample_accuracies(samples, seed=1)["run"] == resample_accuracies(samples)["run"]).all()
+    # coverage: 200 data sets of 100 questions answered right with probability 0.7; the 95% interval should hold the
+    # true 70% about 95% of the time (percentile intervals of a proportion run a little under at n = 100)
+    hits = 0
+    for trial in range(200):
+        rows = [(f"s{i}", "t", 100.0 * (rng.random() < 0.7)) for i in range(100)]
+        low, high = interval(resample_accuracies({"run": rows}, resamples=1000, seed=trial)["run"])
+        hits += low <= 70.0 <= high
+    assert 0.88 <= hits / 200 <= 0.99, hits
+
+
+def test_deltas_are_paired_on_the_same_questions(tmp_path):
+    """Two presses that differ from no_press on the same number of questions but where no_press answered otherwise:
+    paired, one that fails exactly one of no_press's right answers has a tight delta; resampled apart it would not."""
+    right = [i % 2 == 0 for i in range(40)]  # no_press: 20 of 40
+    one_off = [ok and i != 0 for i, ok in enumerate(right)]  # the same answers but one: 19 of 40
+    write_run(tmp_path, "r__no_press", "no_press", None, 50.0, 0.0, task_scores={"niah_single_1": 50.0},
+              predictions=answered(right))
+    write_run(tmp_path, "r__knorm__0", "knorm", 0.5, 47.5, 0.5, task_scores={"niah_single_1": 47.5},
+              predictions=answered(one_off))
+    page = pair_page(build_site(tmp_path, tmp_path / "site").parent, MODEL)
+    row = next(row for row in table_rows(page, "tasks") if row[0] == "knorm")
+    low, high = (float(x.replace("\u2212", "-")) for x in re.search(r"\[(.*?), (.*?)\]", row[4]).groups())
+    assert value(row[4]) == "\u22122.50" and -7.6 <= low <= high <= 0.0  # one question of 40: at most 2.5 points
+    unpaired = interval(resample_accuracies({"a": [(f"a{i}", "t", 100.0 * ok) for i, ok in enumerate(right)]})["a"])
+    assert unpaired[1] - unpaired[0] > 20  # the accuracy alone is uncertain by about +-15 points
+
+
+MEASURED = {"kv_bytes_dense": 8 * 2**20, "kv_bytes_held": {"after_prefill": 4 * 2**20, "end": 5 * 2**20},
+            "peak_memory_bytes": 100 * 2**20, "prefill_tokens_per_s": 1234.5, "decode_tokens_per_s": 56.25}
+
+
+def add_metrics(folder: Path, **fields) -> None:
+    metrics = json.loads((folder / "metrics.json").read_text())
+    (folder / "metrics.json").write_text(json.dumps({**metrics, **fields}))
+
+
+def test_memory_and_speed_are_shown_when_measured(tmp_path):
+    add_metrics(write_run(tmp_path, "r__no_press", "no_press", None, 80.0, 0.0), kv_bytes_dense=8 * 2**20,
+                kv_bytes_held=8 * 2**20, decode_tokens_per_s=50.0)
+    add_metrics(write_run(tmp_path, "r__knorm__0", "knorm", 0.5, 70.0, 0.5), **MEASURED)
+    write_run(tmp_path, "r__snapkv__0", "snapkv", 0.5, 60.0, 0.5)  # not measured: "-" in its row
+    page = pair_page(build_site(tmp_path, tmp_path / "site").parent, MODEL)
+    assert 'id="not-measured"' not in page
+    rows = {row[0]: row[4:] for row in table_rows(page, "memory")}
+    # held / dense, held (the "end" value preferred), peak, prefill tok/s, decode tok/s
+    assert rows["knorm"] == ["62.5%", "5.0 MiB", "100.0 MiB", "1,234.5", "56.2"]
+    assert rows["no_press"] == ["100.0%", "8.0 MiB", "-", "-", "50.0"]
+    assert rows["snapkv"] == ["-"] * 5
+    plot = re.search(r'<img src="\.\./(plots/[^"]+__memory\.svg)" alt="Accuracy versus KV-cache bytes', page)
+    assert plot and (tmp_path / "site" / plot.group(1)).read_text().startswith("<?xml")
+
+
+def test_memory_and_speed_not_measured_says_so(site):
+    page = pair_page(site, MODEL)
+    assert 'id="not-measured"' in page and 'id="memory"' not in page and "__memory.svg" not in page
+
+
+def test_task_heatmap_at_the_chosen_compression(site, results, tmp_path):
+    page = pair_page(site, MODEL)
+    rows = {row[0]: row[1:] for row in table_rows(page, "task-heatmap")}
+    # columns niah_single_1, vt; each task score = accuracy + 7 / - 7, interpolated at 50%
+    assert rows["no_press"] == ["87.0", "73.0"] and rows["knorm"] == ["82.0", "68.0"]
+    assert rows["kvzap_mlp"] == ["79.0", "65.0"] and rows["snapkv"] == ["57.0", "43.0"]
+    assert 'class="num h8"' in page  # 82 rounds to the 8th of 10 colour classes
+    at_25 = pair_page(build_site(results, tmp_path / "at25", heatmap_level=0.25).parent, MODEL)
+    rows = {row[0]: row[1:] for row in table_rows(at_25, "task-heatmap")}
+    assert rows["knorm"] == ["85.0", "71.0"] and rows["kvzap_mlp"] == ["-", "-"]  # kvzap measured at 50% only
+
+
+def test_needle_heatmap_for_needle_runs(tmp_path):
+    grid = [{"length": length, "depth": depth, "score": score, "exact": score, "n": 2}
+            for length, depth, score in [(512, 0.0, 100.0), (512, 50.0, 50.0), (1024, 0.0, 90.0),
+                                         (1024, 50.0, 0.0)]]
+    for press, value_ in (("no_press", None), ("knorm", 0.5)):
+        folder = write_run(tmp_path, f"n__{press}", press, value_, 60.0, value_ or 0.0)
+        config = yaml.safe_load((folder / "config.yaml").read_text())
+        config["run"]["dataset"] = "needle_in_haystack"
+        (folder / "config.yaml").write_text(yaml.safe_dump(config))
+        add_metrics(folder, dataset="needle_in_haystack", by_length_depth=grid)
+    site = build_site(tmp_path, tmp_path / "site").parent
+    page = pair_page(site, MODEL)
+    assert "depth × context length" in page
+    for index in (0, 1):
+        table = re.search(rf'<table class="heatmap" id="needle-{index}">.*?</table>', page, re.S).group(0)
+        assert "<th class=\"num\">512</th><th class=\"num\">1,024</th>" in table
+        assert table_rows(table, f"needle-{index}") == [["0%", "100.0", "90.0"], ["50%", "50.0", "0.0"]]
+    ruler = write_run(tmp_path / "r", "r__knorm", "knorm", 0.5, 60.0, 0.5)
+    add_metrics(ruler, by_length_depth=grid)  # only the needle dataset's page draws it
+    assert "needle-0" not in pair_page(build_site(tmp_path / "r", tmp_path / "site2").parent, MODEL)
+
+
+def test_index_summarises_each_model_across_datasets(tmp_path):
+    for dataset, knorm, snapkv in (("ruler", 70.0, 60.0), ("ruler-4096", 50.0, 65.0), ("other", 40.0, 30.0)):
+        for press, accuracy in (("no_press", 80.0), ("knorm", knorm), ("snapkv", snapkv)):
+            folder = write_run(tmp_path, f"{dataset}__{press}", press, None if press == "no_press" else 0.5,
+                               accuracy, 0.0 if press == "no_press" else 0.5)
+            config = yaml.safe_load((folder / "config.yaml").read_text())
+            config["run"]["dataset"] = dataset
+            (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    index = build_site(tmp_path, tmp_path / "site").read_text()
+    # AUC over [0, 0.5] through no_press = (80 + accuracy) / 2; normalised by 80. knorm ranks 1, 2, 1: mean 1.33;
+    # AUCs 75, 65, 60 -> 93.75%, 81.25%, 75% -> 83.3%. snapkv ranks 2, 1, 2; AUCs 70, 72.5, 55 -> 82.3%
+    assert table_rows(index, "summary-1") == [["knorm", "1.3", "83.3%", "3"], ["snapkv", "1.7", "82.3%", "3"]]
+    assert "3 dataset(s)" in index
+
+
+def test_kvpress_leaderboard_layout(tmp_path):
+    """The kvpress leaderboard's benchmark/<dataset>__<data_dir>__<model>__<press>__<ratio>/ folders: the folder name
+    fills what config.yaml leaves out; they show beside our runs on a page of their own data_dir."""
+    folder = tmp_path / "benchmark" / "ruler__4096__Qwen--Qwen3-8B__knorm__0.50"
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump({"max_new_tokens": 16, "seed": 42}))
+    (folder / "metrics.json").write_text(json.dumps({"niah_single_1": {"string_match": 50.0}}))
+    (folder / "predictions.csv").write_text("task,question,answer,predicted_answer\n"
+                                            "niah_single_1,q,['42'],42\nniah_single_1,q,['7'],8\n")
+    reference = tmp_path / "benchmark" / "ruler__4096__Qwen--Qwen3-8B__no_press__0.00"
+    shutil.copytree(folder, reference)
+    (reference / "predictions.csv").write_text("task,question,answer,predicted_answer\n"
+                                               "niah_single_1,q,['42'],42\nniah_single_1,q,['7'],7\n")
+    runs = read_results(tmp_path).runs
+    assert {(r.model, r.dataset, r.data_dir, r.press, r.knob, r.value, r.compression) for r in runs} == {
+        ("Qwen/Qwen3-8B", "ruler", "4096", "knorm", "compression_ratio", 0.5, 0.5),
+        ("Qwen/Qwen3-8B", "ruler", "4096", "no_press", None, None, 0.0)}
+    site = build_site(tmp_path, tmp_path / "site").parent
+    page = pair_page(site, "Qwen/Qwen3-8B")
+    assert "ruler (4096)" in page and table_rows(page, "ranking")[0][1] == "knorm (kvpress)"
+    assert any(name.endswith("metrics.json") for name in map(str, (site / "runs").rglob("*")))
 
 
 # Headless Chromium ---------------------------------------------------------------------------------------------------
