@@ -412,7 +412,8 @@ def _environment() -> Environment:
     environment = Environment(loader=PackageLoader("leaderboard", "templates"), autoescape=True,
                               undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True,
                               keep_trailing_newline=True)
-    environment.filters.update(number=_number, bytes=_bytes, rate=_rate, percent=_percent, span=percent_span, sort_key=_sort_key, yaml=_yaml,
+    environment.filters.update(number=_number, bytes=_bytes, rate=_rate, percent=_percent, span=percent_span,
+                               sort_key=_sort_key, yaml=_yaml,
                                clip=_clip, answers=_answers)
     environment.globals.update(task_score=task_score, plain=Estimate)
     return environment

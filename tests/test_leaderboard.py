@@ -19,6 +19,7 @@ import yaml
 
 from evaluation.config import ConfigError
 from leaderboard import build_site
+from leaderboard.bootstrap import interval, resample_accuracies
 from leaderboard.ranking import (
     Ranking,
     accuracy_at,
@@ -30,7 +31,6 @@ from leaderboard.ranking import (
     rank_presses,
     scored_curve,
 )
-from leaderboard.bootstrap import interval, resample_accuracies
 from leaderboard.results import read_results
 
 MODEL = "org/tiny-model"
@@ -100,7 +100,30 @@ def results(tmp_path_factory) -> Path:
                 "prediction": HOSTILE_PREDICTION, "compression_ratio": 0.5}]
     write_run(root, "hostile <b>\"'", HOSTILE_PRESS, 0.5, 10.0, 0.5, model=HOSTILE + "model",
               task_scores={HOSTILE: 10.0}, predictions=hostile)
+    # a third model measured for memory and speed, with a press named too long for a cell, and a needle run
+    right = [i % 3 != 0 for i in range(30)]
+    add_metrics(write_run(root, "m__no_press", "no_press", None, 66.67, 0.0, model=MEASURED_MODEL,
+                          task_scores={"niah_single_1": 66.67}, predictions=answered(right)), **MEASURED)
+    add_metrics(write_run(root, "m__long", LONG_PRESS, 0.5, 63.33, 0.5, model=MEASURED_MODEL,
+                          task_scores={"niah_single_1": 63.33}, predictions=answered([ok and i != 1 for i, ok in
+                                                                                      enumerate(right)])), **MEASURED)
+    needle = write_run(root, "m__needle", "knorm", 0.5, 60.0, 0.5, model=MEASURED_MODEL)
+    set_dataset(needle, "needle_in_haystack")
+    add_metrics(needle, dataset="needle_in_haystack", by_length_depth=NEEDLE_GRID)
     return root
+
+
+MEASURED_MODEL = "org/measured"
+LONG_PRESS = "a_press_with_a_registry_name_far_too_long_for_a_cell"
+NEEDLE_GRID = [{"length": length, "depth": depth, "score": score, "exact": score, "n": 2}
+               for length, depth, score in [(512, 0.0, 100.0), (512, 50.0, 50.0), (1024, 0.0, 90.0),
+                                            (1024, 50.0, 0.0)]]
+
+
+def set_dataset(folder: Path, dataset: str) -> None:
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    config["run"]["dataset"] = dataset
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
 
 
 @pytest.fixture(scope="module")
@@ -114,9 +137,9 @@ def pages(site: Path) -> dict[str, str]:
     return {path.relative_to(site).as_posix(): path.read_text() for path in sorted(site.rglob("*.html"))}
 
 
-def pair_page(site: Path, model: str) -> str:
+def pair_page(site: Path, model: str, dataset: str = "ruler") -> str:
     return next(text for name, text in pages(site).items()
-                if name.startswith("pairs/") and f"<h1>{model} <span" in text)
+                if name.startswith("pairs/") and f"<h1>{model} <span class=\"sep\">·</span> {dataset}</h1>" in text)
 
 
 def table_rows(html: str, table_id: str) -> list[list[str]]:
@@ -259,9 +282,12 @@ def test_ranking_plot_and_per_task_breakdown(site):
     method = re.search(r'<p class="method" id="method">(.*?)</p>', page, re.S).group(1)
     assert "here 0–50%" in method and "(here 50.0%, set by knorm (kvpress), kvzap_mlp)" in method
     assert "divided by c*" in method and 'id="no-common-range"' not in page
-    best = re.findall(r'<span class="best">(.*?)</span>', (site / "index.html").read_text())
+    row = next(row for row in re.findall(r"<tr>.*?</tr>", (site / "index.html").read_text(), re.S)
+               if f">{MODEL}</a>" in row)
+    best = re.findall(r'<span class="best">(.*?)</span>', row)
     assert [re.sub(r" \[.*?\]", "", b) for b in best[:3]] == [
-        "=1. knorm <small>77.75</small>", "=1. knorm (kvpress) <small>77.50</small>", "3. kvzap_mlp <small>76.00</small>"]
+        "=1. knorm <small>77.75</small>", "=1. knorm (kvpress) <small>77.50</small>",
+        "3. kvzap_mlp <small>76.00</small>"]
     plot = re.search(r'<img src="\.\./(plots/[^"]+\.svg)"', page).group(1)
     svg = (site / plot).read_text()
     assert svg.startswith("<?xml") and "<svg" in svg
@@ -292,7 +318,7 @@ def test_every_link_stays_inside_the_site(site):
             target = (site / name).parent / link.replace("&#34;", '"').replace("&#39;", "'").replace("&amp;", "&")
             assert target.resolve().is_file() and target.resolve().is_relative_to(site.resolve()), (name, link)
             predictions += link.endswith(("predictions.jsonl", "predictions.csv"))
-    assert predictions == 11  # every run's raw predictions, the pending one and the kvpress one included
+    assert predictions == 14  # every run's raw predictions, the pending one and the kvpress one included
 
 
 def test_rebuild_is_byte_identical(results, site, tmp_path):
@@ -447,17 +473,13 @@ def test_task_heatmap_at_the_chosen_compression(site, results, tmp_path):
 
 
 def test_needle_heatmap_for_needle_runs(tmp_path):
-    grid = [{"length": length, "depth": depth, "score": score, "exact": score, "n": 2}
-            for length, depth, score in [(512, 0.0, 100.0), (512, 50.0, 50.0), (1024, 0.0, 90.0),
-                                         (1024, 50.0, 0.0)]]
+    grid = NEEDLE_GRID
     for press, value_ in (("no_press", None), ("knorm", 0.5)):
         folder = write_run(tmp_path, f"n__{press}", press, value_, 60.0, value_ or 0.0)
-        config = yaml.safe_load((folder / "config.yaml").read_text())
-        config["run"]["dataset"] = "needle_in_haystack"
-        (folder / "config.yaml").write_text(yaml.safe_dump(config))
+        set_dataset(folder, "needle_in_haystack")
         add_metrics(folder, dataset="needle_in_haystack", by_length_depth=grid)
     site = build_site(tmp_path, tmp_path / "site").parent
-    page = pair_page(site, MODEL)
+    page = pair_page(site, MODEL, "needle_in_haystack")
     assert "depth × context length" in page
     for index in (0, 1):
         table = re.search(rf'<table class="heatmap" id="needle-{index}">.*?</table>', page, re.S).group(0)
@@ -473,9 +495,7 @@ def test_index_summarises_each_model_across_datasets(tmp_path):
         for press, accuracy in (("no_press", 80.0), ("knorm", knorm), ("snapkv", snapkv)):
             folder = write_run(tmp_path, f"{dataset}__{press}", press, None if press == "no_press" else 0.5,
                                accuracy, 0.0 if press == "no_press" else 0.5)
-            config = yaml.safe_load((folder / "config.yaml").read_text())
-            config["run"]["dataset"] = dataset
-            (folder / "config.yaml").write_text(yaml.safe_dump(config))
+            set_dataset(folder, dataset)
     index = build_site(tmp_path, tmp_path / "site").read_text()
     # AUC over [0, 0.5] through no_press = (80 + accuracy) / 2; normalised by 80. knorm ranks 1, 2, 1: mean 1.33;
     # AUCs 75, 65, 60 -> 93.75%, 81.25%, 75% -> 83.3%. snapkv ranks 2, 1, 2; AUCs 70, 72.5, 55 -> 82.3%
@@ -501,7 +521,7 @@ def test_kvpress_leaderboard_layout(tmp_path):
         ("Qwen/Qwen3-8B", "ruler", "4096", "knorm", "compression_ratio", 0.5, 0.5),
         ("Qwen/Qwen3-8B", "ruler", "4096", "no_press", None, None, 0.0)}
     site = build_site(tmp_path, tmp_path / "site").parent
-    page = pair_page(site, "Qwen/Qwen3-8B")
+    page = pair_page(site, "Qwen/Qwen3-8B", "ruler (4096)")
     assert "ruler (4096)" in page and table_rows(page, "ranking")[0][1] == "knorm (kvpress)"
     assert any(name.endswith("metrics.json") for name in map(str, (site / "runs").rglob("*")))
 
@@ -587,18 +607,22 @@ def test_site_in_headless_chromium(site, served, browser, tmp_path):
     ranked = ["knorm", "knorm (kvpress)", "kvzap_mlp", "snapkv"]  # by AUC over [0, 0.5]: 77.75, 77.5, 76, 62.5
     assert column(browser, "ranking", 1) == ranked
 
-    def click(header: str) -> None:
-        browser.find_element(By.XPATH, f'//table[@id="ranking"]//th[text()="{header}"]').click()
+    def click(header: str, table: str = "ranking") -> None:
+        browser.find_element(By.XPATH, f'//table[@id="{table}"]//th[text()="{header}"]').click()
 
     click("press")
     assert column(browser, "ranking", 1) == sorted(ranked)
     click("press")
     assert column(browser, "ranking", 1) == sorted(ranked, reverse=True)
-    click("accuracy at 50%")  # numeric columns sort largest first
-    assert column(browser, "ranking", 5) == ["75.00", "75.00", "72.00", "50.00"]
-    click("accuracy at 25%")
-    click("accuracy at 25%")  # ascending now, and "-" (level not covered) still last
-    assert column(browser, "ranking", 4) == ["60.00", "78.00", "-", "-"]
+
+    def numbers(index: int) -> list[str]:
+        return [cell.split(" [")[0] for cell in column(browser, "matched", index)]
+
+    click("accuracy at 50%", "matched")  # numeric columns sort largest first, by the score, not its interval
+    assert numbers(2) == ["75.00", "75.00", "72.00", "50.00"]
+    click("accuracy at 25%", "matched")
+    click("accuracy at 25%", "matched")  # ascending now, and "-" (level not covered) still last
+    assert numbers(1) == ["60.00", "78.00", "-", "-"]
     browser.save_screenshot(str(tmp_path / "leaderboard.png"))
     assert (tmp_path / "leaderboard.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -612,3 +636,50 @@ def test_site_in_headless_chromium(site, served, browser, tmp_path):
     browser.get((site / next(name for name in pages(site) if "pwned" in name)).as_uri())
     assert browser.execute_script("return document.images.length && document.images[0].naturalWidth") > 0
     assert severe(browser) == []  # opened from disk too: the page's policy allows its own files over file://
+
+
+LAYOUT = """
+const problems = [];
+const main = document.querySelector("main");
+const padding = parseFloat(getComputedStyle(main).paddingLeft) + parseFloat(getComputedStyle(main).paddingRight);
+for (const cell of document.querySelectorAll("td, th")) {
+  const text = cell.textContent.trim().slice(0, 50);
+  if (cell.scrollWidth > cell.clientWidth) problems.push(["overflows", text, cell.scrollWidth, cell.clientWidth]);
+  const free = cell.matches(".prose, .list");  // prose wraps; lists wrap between their items only
+  if (!free && getComputedStyle(cell).whiteSpace !== "nowrap") problems.push(["may break", text]);
+  if (cell.matches(".list")) for (const item of cell.children)
+    if (getComputedStyle(item).whiteSpace !== "nowrap") problems.push(["item may break", item.textContent]);
+}
+for (const image of document.images) {
+  if (!image.alt.trim()) problems.push(["no alt text", image.src]);
+  const width = image.getBoundingClientRect().width;
+  if (width < 0.98 * (main.clientWidth - padding)) problems.push(["plot narrower than the content", width]);
+}
+for (const abbr of document.querySelectorAll(".abbr"))
+  if (!abbr.title || !abbr.textContent.endsWith("…") || !abbr.title.startsWith(abbr.textContent.slice(0, -1)))
+    problems.push(["abbreviation without its full text", abbr.textContent]);
+const page = document.documentElement;
+if (page.scrollWidth > page.clientWidth) problems.push(["the page scrolls sideways", page.scrollWidth]);
+return problems;
+"""
+
+
+@needs_browser
+def test_layout_at_1400_and_800_px(site, served, browser, tmp_path):
+    """No cell overflows (scrollWidth <= clientWidth) or may break a number or name, every plot has alt text and
+    spans the content width, long names are cut with a tooltip, and no page scrolls sideways, at both widths."""
+    names = list(pages(site))
+    assert len(names) == 5  # index, tiny-model ruler, hostile, measured ruler and needle
+    for width in (1400, 800):
+        browser.set_window_size(width, 1000)
+        for name in names:
+            browser.get(served + name)
+            assert browser.execute_script(LAYOUT) == [], (width, name)
+        browser.get(served + "index.html")
+        browser.save_screenshot(str(tmp_path / f"index-{width}.png"))
+    browser.get(served + next(name for name in names if "measured__ruler" in name))
+    cut = browser.execute_script("return Array.from(document.querySelectorAll('.abbr'), a => a.title)")
+    assert LONG_PRESS in cut
+    for table in ("ranking", "matched", "memory", "tasks", "task-heatmap"):
+        assert browser.find_element("id", table).is_displayed()
+    browser.set_window_size(1280, 1000)
