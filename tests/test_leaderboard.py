@@ -413,6 +413,20 @@ def test_bootstrap_is_seeded_and_covers_a_known_proportion():
     assert 0.88 <= hits / 200 <= 0.99, hits
 
 
+def test_per_sample_scores_average_to_the_committed_task_scores():
+    """The bootstrap resamples the registry's per-sample headline scores: their mean per task is the task's score."""
+    from evaluation.metrics.registry import headline_sample_scores
+
+    baseline = Path(__file__).parent.parent / "results" / "baseline"
+    folder = next(baseline.glob("kvtiny__ruler__snapkv__compression_ratio=0.5__*"))
+    records = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
+    metrics = json.loads((folder / "metrics.json").read_text())
+    scores = headline_sample_scores("ruler", records)
+    for task, task_scores in metrics["per_task"].items():
+        mine = [score for record, score in zip(records, scores, strict=True) if record["task"] == task]
+        assert round(100 * sum(mine) / len(mine), 2) == task_scores[metrics["metric"][task]], task
+
+
 def test_deltas_are_paired_on_the_same_questions(tmp_path):
     """Two presses that differ from no_press on the same number of questions but where no_press answered otherwise:
     paired, one that fails exactly one of no_press's right answers has a tight delta; resampled apart it would not."""
