@@ -425,6 +425,8 @@ def _number(value: object, digits: int = 2, signed: bool = False) -> str:
     if value is None:
         return "-"
     if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if abs(value) < 0.5 * 10**-digits:  # a bound a float error below 0 would print "-0.0"
+            value = 0.0
         text = f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
         return text.replace("-", "\u2212") if signed else text
     return str(value)
@@ -439,7 +441,9 @@ def _rate(value: float | None) -> str:
 
 
 def _percent(fraction: float | None) -> str:
-    return "-" if fraction is None else f"{100 * fraction:.1f}%"
+    if fraction is None:
+        return "-"
+    return f"{100 * fraction:.1f}%".replace("-0.0%", "0.0%")  # a float error below 0 is no sign
 
 
 def _sort_key(value: object) -> str:

@@ -427,6 +427,24 @@ def test_per_sample_scores_average_to_the_committed_task_scores():
         assert round(100 * sum(mine) / len(mine), 2) == task_scores[metrics["metric"][task]], task
 
 
+def test_the_committed_baseline_page_has_every_section(tmp_path):
+    """Built from results/baseline (ratio presses and the kvzap threshold presses): intervals wherever a score
+    appears, the matched-compression table, the memory notice (the baseline predates those fields), the heatmap."""
+    site = build_site(Path(__file__).parent.parent / "results" / "baseline", tmp_path / "site").parent
+    page = pair_page(site, "kvtiny")
+    interval_ = re.compile(r"^\u2212?\+?\d+\.\d+%? \[\u2212?\+?\d+\.\d%?, \u2212?\+?\d+\.\d%?\]$")
+    for table, columns in (("ranking", [2, 5]), ("matched", [2, 3, 5]), ("tasks", [3, 4, 5, 6])):
+        for row in table_rows(page, table):
+            for index in columns:
+                assert row[index] == "-" or interval_.match(row[index]), (table, row)
+    matched = {row[0]: row for row in table_rows(page, "matched")}
+    assert {"kvzap_mlp", "kvzap_linear", "knorm"} <= set(matched)
+    assert 'id="not-measured"' in page and 'id="task-heatmap"' in page
+    reference = re.search(r"no_press</code> scores 59\.50 <small class=\"ci\">\[(.*?), (.*?)\]", page)
+    low, high = map(float, reference.groups())
+    assert low < 59.5 < high and high - low > 5  # 60 questions: several points either way
+
+
 def test_deltas_are_paired_on_the_same_questions(tmp_path):
     """Two presses that differ from no_press on the same number of questions but where no_press answered otherwise:
     paired, one that fails exactly one of no_press's right answers has a tight delta; resampled apart it would not."""
