@@ -32,7 +32,7 @@ Definitions (also printed on every page), per (model, dataset) page:
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import pairwise
 
 import numpy as np
@@ -140,6 +140,7 @@ class PressSummary:
     band: int = 0  # tie-band rank: 1 + presses clearly better; 0 unranked
     tied_with: tuple[str, ...] = ()
     point_intervals: tuple[tuple[float, float] | None, ...] = ()  # 95% interval of each point's accuracy
+    auc_replicates: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -177,7 +178,7 @@ def rank_presses(runs: Sequence[Run], replicates: Mapping[str, np.ndarray] | Non
     """
     replicates = replicates or {}
     reference = reference_accuracy(runs)
-    reference_rep = _reference_replicates(runs, replicates)
+    reference_rep = reference_replicates(runs, replicates)
     by_label: dict[str, list[Run]] = {}
     for run in plotted_runs(runs):
         by_label.setdefault(run.label, []).append(run)
@@ -212,8 +213,9 @@ def rank_presses(runs: Sequence[Run], replicates: Mapping[str, np.ndarray] | Non
             better = [o for o in ranked if o is not s and _beats(o, s)]
             band = 1 + len(better)
             tied = tuple(o["label"] for o in ranked if o is not s and not _beats(o, s) and not _beats(s, o))
-        s = {key: value for key, value in s.items() if key != "auc_rep"}
-        presses.append(PressSummary(**s, rank=index + 1 if s["auc"] is not None else 0, band=band, tied_with=tied))
+        fields = {key: value for key, value in s.items() if key != "auc_rep"}
+        presses.append(PressSummary(**fields, rank=index + 1 if s["auc"] is not None else 0, band=band,
+                                    tied_with=tied, auc_replicates=s["auc_rep"]))
     return Ranking(tuple(presses), start, end, set_by)
 
 
@@ -224,7 +226,7 @@ def _beats(a: dict, b: dict) -> bool:
     return clearly_better(a["auc_rep"], b["auc_rep"])
 
 
-def _reference_replicates(runs: Sequence[Run], replicates: Mapping[str, np.ndarray]) -> np.ndarray | None:
+def reference_replicates(runs: Sequence[Run], replicates: Mapping[str, np.ndarray]) -> np.ndarray | None:
     """Replicates of :func:`reference_accuracy` (None unless every reference run has them)."""
     names = [run.name for run in runs if run.is_reference and run.accuracy is not None]
     if not names or any(name not in replicates for name in names):

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import re
 import shutil
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import yaml
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from evaluation.config import ConfigError
-from leaderboard.bootstrap import RESAMPLES, SEED, Estimate, estimate, resample_task_scores
+from leaderboard.bootstrap import RESAMPLES, SEED, Estimate, estimate, interval, resample_task_scores
 from leaderboard.plot import accuracy_compression_svg, accuracy_memory_svg
 from leaderboard.ranking import (
     LEVELS,
@@ -30,6 +32,7 @@ from leaderboard.ranking import (
     plotted_runs,
     rank_presses,
     reference_accuracy,
+    reference_replicates,
 )
 from leaderboard.results import MEASURES, Run, read_results
 
@@ -95,6 +98,7 @@ class Pair:
     ranked: Ranking
     reference: float | None
     stats: dict[str, RunStats]  # run name -> its scores with intervals (finished runs)
+    reference_replicates: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     @property
     def ranking(self) -> tuple[PressSummary, ...]:
@@ -246,7 +250,7 @@ class PressOverall:
 
     label: str
     mean_rank: float
-    mean_normalised_auc: float | None
+    mean_normalised_auc: Estimate | None  # a fraction, with the interval of the replicate-wise mean
     n_datasets: int
     n_normalised: int
 
@@ -267,19 +271,33 @@ def model_summaries(pairs: list[Pair]) -> tuple[ModelSummary, ...]:
     summaries = []
     for model in sorted(models):
         ranks: dict[str, list[int]] = {}
-        normalised: dict[str, list[float]] = {}
+        normalised: dict[str, list[tuple[float, np.ndarray | None]]] = {}
         for pair in models[model]:
             for summary in pair.ranking:
                 if summary.rank:
                     ranks.setdefault(summary.label, []).append(summary.rank)
                     if pair.reference:
-                        normalised.setdefault(summary.label, []).append(summary.auc / pair.reference)
-        presses = [PressOverall(label, sum(r) / len(r),
-                                sum(normalised[label]) / len(normalised[label]) if label in normalised else None,
-                                len(r), len(normalised.get(label, ()))) for label, r in ranks.items()]
-        presses.sort(key=lambda p: (p.mean_rank, -(p.mean_normalised_auc or 0.0), p.label))
+                        replicates = (None if summary.auc_replicates is None or pair.reference_replicates is None
+                                      else summary.auc_replicates / pair.reference_replicates)
+                        normalised.setdefault(summary.label, []).append((summary.auc / pair.reference, replicates))
+        presses = [PressOverall(label, sum(r) / len(r), _mean_estimate(normalised.get(label, [])), len(r),
+                                len(normalised.get(label, ()))) for label, r in ranks.items()]
+        presses.sort(key=lambda p: (p.mean_rank, -(p.mean_normalised_auc.value if p.mean_normalised_auc else 0.0),
+                                    p.label))
         summaries.append(ModelSummary(model, len(models[model]), tuple(presses)))
     return tuple(summaries)
+
+
+def _mean_estimate(values: list[tuple[float, np.ndarray | None]]) -> Estimate | None:
+    """The mean of per-dataset values, with the interval of the replicate-wise mean where every one has replicates
+    (the datasets were resampled independently)."""
+    if not values:
+        return None
+    mean = sum(value for value, _ in values) / len(values)
+    if any(replicates is None for _, replicates in values):
+        return Estimate(mean)
+    bounds = interval(sum(replicates for _, replicates in values) / len(values))
+    return Estimate(mean) if bounds is None else Estimate(mean, *bounds)
 
 
 def _reference_estimate(pair: Pair) -> Estimate:
@@ -338,17 +356,20 @@ def _pairs(runs: tuple[Run, ...]) -> list[Pair]:
     pairs = []
     for key, slug in zip(keys, slugs, strict=True):
         members = tuple(sorted(groups[key], key=_run_order))
-        stats, replicates = _run_stats(members)
-        pairs.append(Pair(key[0], key[1], key[2] or None, slug, members, rank_presses(members, replicates),
-                          reference_accuracy(members), stats))
+        # a seed of its own per page (derived from SEED and the page), so pages resample independently and the
+        # cross-dataset means on the index can average their replicates
+        stats, replicates = _run_stats(members, SEED + zlib.crc32(slug.encode()))
+        ranked = rank_presses(members, replicates)
+        pairs.append(Pair(key[0], key[1], key[2] or None, slug, members, ranked, reference_accuracy(members), stats,
+                          reference_replicates(members, replicates)))
     return pairs
 
 
-def _run_stats(runs: tuple[Run, ...]) -> tuple[dict[str, RunStats], dict]:
+def _run_stats(runs: tuple[Run, ...], seed: int) -> tuple[dict[str, RunStats], dict]:
     """Each finished run's scores with intervals, from one paired bootstrap of the page; and the accuracy
     replicates (run name -> array) the ranking reuses. Replicates are centred on the scores metrics.json reports."""
     finished = [run for run in runs if run.metrics is not None]
-    by_task, observed = resample_task_scores({run.name: run.samples for run in finished})
+    by_task, observed = resample_task_scores({run.name: run.samples for run in finished}, seed=seed)
     accuracies, task_estimates = {}, {}
     for run in finished:
         tasks = by_task.get(run.name, {})

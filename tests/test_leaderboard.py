@@ -531,7 +531,10 @@ def test_index_summarises_each_model_across_datasets(tmp_path):
     index = build_site(tmp_path, tmp_path / "site").read_text()
     # AUC over [0, 0.5] through no_press = (80 + accuracy) / 2; normalised by 80. knorm ranks 1, 2, 1: mean 1.33;
     # AUCs 75, 65, 60 -> 93.75%, 81.25%, 75% -> 83.3%. snapkv ranks 2, 1, 2; AUCs 70, 72.5, 55 -> 82.3%
-    assert table_rows(index, "summary-1") == [["knorm", "1.3", "83.3%", "3"], ["snapkv", "1.7", "82.3%", "3"]]
+    rows = table_rows(index, "summary-1")
+    assert [[value(cell) for cell in row] for row in rows] == [["knorm", "1.3", "83.3%", "3"],
+                                                                ["snapkv", "1.7", "82.3%", "3"]]
+    assert rows[0][2] == "83.3% [83.3%, 83.3%]"  # every question answered right: no spread to resample
     assert "3 dataset(s)" in index
 
 
