@@ -14,6 +14,7 @@ import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -399,7 +400,7 @@ def answered(right: list[bool], task: str = "niah_single_1") -> list[dict]:
 
 
 def test_bootstrap_is_seeded_and_covers_a_known_proportion():
-    rng = __import__("numpy").random.default_rng(7)
+    rng = np.random.default_rng(7)
     samples = {"run": [(f"s{i}", "t", 100.0 * (rng.random() < 0.7)) for i in range(60)]}
     assert (resample_accuracies(samples)["run"] == resample_accuracies(samples)["run"]).all()  # same seed, same draws
     assert not (resample_accuracies(samples, seed=1)["run"] == resample_accuracies(samples)["run"]).all()
