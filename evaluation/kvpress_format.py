@@ -151,12 +151,36 @@ def _missing(value) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
+def config_from_folder_name(name: str) -> dict:
+    """What a kvpress run folder's name says: ``<dataset>__[<data_dir>__]<model with / as -->__<press>__<value>``
+    (the layout of kvpress's runs and of the kvpress leaderboard's ``benchmark/`` folder). Empty when the name does
+    not have that shape. The value is a ratio, or a threshold when negative."""
+    parts = name.split("__")
+    if len(parts) not in (4, 5) or str(parts[0]) not in KVPRESS_DATASETS:
+        return {}
+    try:
+        value = float(parts[-1])
+    except ValueError:
+        return {}
+    config = {"dataset": parts[0], "model": parts[-3].replace("--", "/"), "press_name": parts[-2]}
+    if len(parts) == 5:
+        config["data_dir"] = parts[1]
+    config["threshold" if value < 0 else "compression_ratio"] = value
+    return config
+
+
 def read_kvpress_run(folder: Path) -> tuple[dict, list[dict]]:
-    """(kvpress config, our prediction records) of one kvpress run folder; a one-line error if it is not one."""
+    """(kvpress config, our prediction records) of one kvpress run folder; a one-line error if it is not one.
+
+    config.yaml is read where present; what it lacks (or all of it, where it is missing) comes from the folder's name,
+    as in the kvpress leaderboard's ``benchmark/<dataset>__<data_dir>__<model>__<press>__<ratio>/``.
+    """
     config_file, predictions_file = folder / CONFIG_FILE, folder / KVPRESS_PREDICTIONS
-    if not config_file.is_file():
+    named = config_from_folder_name(folder.name)
+    if not config_file.is_file() and not named:
         raise ConfigError(f"{folder} has {KVPRESS_PREDICTIONS} but no {CONFIG_FILE}: not a kvpress run folder")
-    config = yaml.safe_load(config_file.read_text()) or {}
+    config = (yaml.safe_load(config_file.read_text()) or {}) if config_file.is_file() else {}
+    config = {**named, **{key: value for key, value in config.items() if value is not None or key not in named}}
     frame = pd.read_csv(predictions_file)
     # needle_in_haystack frames have no answer column: the needle is what the answer is scored against.
     answer_column = next((c for c in ("answer", "answers", "needle") if c in frame.columns), "answer")

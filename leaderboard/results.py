@@ -21,12 +21,17 @@ import yaml
 from evaluation.cache import CONFIG_FILE, METRICS_FILE, PREDICTIONS_FILE, CacheError, PredictionCache
 from evaluation.config import ConfigError
 from evaluation.kvpress_format import KVPRESS_PREDICTIONS, find_runs, load_kvpress_run
+from evaluation.metrics.registry import DATASETS, headline_sample_scores
 from evaluation.scoring import score_run
 
 REFERENCE_PRESS = "no_press"
 KNOBS = ("compression_ratio", "threshold")
 EXAMPLES_PER_RUN = 3
 OURS, KVPRESS = "kvpress-eval", "kvpress"
+# memory and speed fields a run's metrics.json may carry (written by the compact cache); shown when present
+MEASURES = ("kv_bytes_dense", "kv_bytes_held", "peak_memory_bytes", "prefill_tokens_per_s", "decode_tokens_per_s")
+
+Sample = tuple[str, str, float]  # (sample_id, task, score in percent)
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,7 @@ class Run:
     n_predictions: int
     examples: tuple[dict, ...]  # the first few predictions, shown on the page
     files: tuple[Path, ...]  # raw files the site copies and links to
+    samples: tuple[Sample, ...] = ()  # (sample_id, task, headline score in percent) of a finished run, for intervals
 
     @property
     def label(self) -> str:
@@ -65,6 +71,27 @@ class Run:
         """Predictions scored (metrics.json's count), or made so far for a run that has no metrics yet."""
         counted = None if self.metrics is None else self.metrics.get("n_predictions")
         return counted if isinstance(counted, int) else self.n_predictions
+
+    def measure(self, field: str) -> float | None:
+        """A memory or speed field of metrics.json (:data:`MEASURES`), None when not measured. ``kv_bytes_held`` may
+        be a number or ``{"after_prefill": x, "end": y}``; the held bytes at the end of generation are preferred."""
+        value = None if self.metrics is None else self.metrics.get(field)
+        if isinstance(value, dict):
+            value = value.get("end", value.get("after_prefill"))
+        return float(value) if _is_number(value) else None
+
+    @property
+    def kv_fraction(self) -> float | None:
+        """KV bytes held / dense, when both were measured."""
+        held, dense = self.measure("kv_bytes_held"), self.measure("kv_bytes_dense")
+        return held / dense if held is not None and dense else None
+
+    @property
+    def by_length_depth(self) -> tuple[dict, ...]:
+        """The needle-in-a-haystack grid of metrics.json (cells with a numeric length, depth and score only)."""
+        cells = [] if self.metrics is None else self.metrics.get("by_length_depth") or []
+        return tuple(cell for cell in cells if isinstance(cell, dict)
+                     and all(_is_number(cell.get(key)) for key in ("length", "depth", "score")))
 
     @property
     def is_reference(self) -> bool:
@@ -139,7 +166,8 @@ def _read_ours(folder: Path, name: str) -> Run:
         press_repr=str(run.get("press") or config["press"]), knob=knob, value=_optional_float(config.get(knob)),
         started=_optional_str(config.get("started")), config=config, settings=_pairs(settings), metrics=metrics,
         n_predictions=len(predictions), examples=tuple(predictions[:EXAMPLES_PER_RUN]),
-        files=tuple(folder / f for f in (CONFIG_FILE, PREDICTIONS_FILE, METRICS_FILE) if (folder / f).is_file()))
+        files=tuple(folder / f for f in (CONFIG_FILE, PREDICTIONS_FILE, METRICS_FILE) if (folder / f).is_file()),
+        samples=_samples(metrics, predictions))
 
 
 def _read_predictions(folder: Path) -> list[dict]:
@@ -165,7 +193,23 @@ def _read_kvpress(folder: Path, name: str) -> Run:
         press_repr=str(config.get("press_init_command") or press), knob=knob, value=value, started=None,
         config=config, settings=_pairs(settings), metrics=metrics, n_predictions=len(records),
         examples=tuple(records[:EXAMPLES_PER_RUN]),
-        files=tuple(folder / f for f in (CONFIG_FILE, KVPRESS_PREDICTIONS, METRICS_FILE) if (folder / f).is_file()))
+        files=tuple(folder / f for f in (CONFIG_FILE, KVPRESS_PREDICTIONS, METRICS_FILE) if (folder / f).is_file()),
+        samples=_samples(metrics, records))
+
+
+def _samples(metrics: dict | None, predictions: list[dict]) -> tuple[Sample, ...]:
+    """Each prediction's headline score (percent) under the scoring metrics.json names, for the bootstrap; none for
+    a run without metrics, or whose scoring is not registered here (its scores are shown without an interval)."""
+    scoring = None if metrics is None else metrics.get("dataset")
+    if not predictions or not isinstance(scoring, str) or scoring not in DATASETS:
+        return ()
+    style = metrics.get("style") if metrics.get("style") in DATASETS.get(scoring).styles else None
+    try:
+        scores = headline_sample_scores(scoring, predictions, style)
+    except (ValueError, KeyError, TypeError):  # a hand-edited record: the run is still shown, without intervals
+        return ()
+    return tuple((str(p.get("sample_id", i)), str(p["task"]), 100 * score)
+                 for i, (p, score) in enumerate(zip(predictions, scores, strict=True)))
 
 
 def _checked_metrics(metrics: object) -> dict:

@@ -14,11 +14,13 @@ import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from evaluation.config import ConfigError
 from leaderboard import build_site
+from leaderboard.bootstrap import interval, resample_accuracies
 from leaderboard.ranking import (
     Ranking,
     accuracy_at,
@@ -99,7 +101,30 @@ def results(tmp_path_factory) -> Path:
                 "prediction": HOSTILE_PREDICTION, "compression_ratio": 0.5}]
     write_run(root, "hostile <b>\"'", HOSTILE_PRESS, 0.5, 10.0, 0.5, model=HOSTILE + "model",
               task_scores={HOSTILE: 10.0}, predictions=hostile)
+    # a third model measured for memory and speed, with a press named too long for a cell, and a needle run
+    right = [i % 3 != 0 for i in range(30)]
+    add_metrics(write_run(root, "m__no_press", "no_press", None, 66.67, 0.0, model=MEASURED_MODEL,
+                          task_scores={"niah_single_1": 66.67}, predictions=answered(right)), **MEASURED)
+    add_metrics(write_run(root, "m__long", LONG_PRESS, 0.5, 63.33, 0.5, model=MEASURED_MODEL,
+                          task_scores={"niah_single_1": 63.33}, predictions=answered([ok and i != 1 for i, ok in
+                                                                                      enumerate(right)])), **MEASURED)
+    needle = write_run(root, "m__needle", "knorm", 0.5, 60.0, 0.5, model=MEASURED_MODEL)
+    set_dataset(needle, "needle_in_haystack")
+    add_metrics(needle, dataset="needle_in_haystack", by_length_depth=NEEDLE_GRID)
     return root
+
+
+MEASURED_MODEL = "org/measured"
+LONG_PRESS = "a_press_with_a_registry_name_far_too_long_for_a_cell"
+NEEDLE_GRID = [{"length": length, "depth": depth, "score": score, "exact": score, "n": 2}
+               for length, depth, score in [(512, 0.0, 100.0), (512, 50.0, 50.0), (1024, 0.0, 90.0),
+                                            (1024, 50.0, 0.0)]]
+
+
+def set_dataset(folder: Path, dataset: str) -> None:
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    config["run"]["dataset"] = dataset
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
 
 
 @pytest.fixture(scope="module")
@@ -113,15 +138,15 @@ def pages(site: Path) -> dict[str, str]:
     return {path.relative_to(site).as_posix(): path.read_text() for path in sorted(site.rglob("*.html"))}
 
 
-def pair_page(site: Path, model: str) -> str:
+def pair_page(site: Path, model: str, dataset: str = "ruler") -> str:
     return next(text for name, text in pages(site).items()
-                if name.startswith("pairs/") and f"<h1>{model} <span" in text)
+                if name.startswith("pairs/") and f"<h1>{model} <span class=\"sep\">·</span> {dataset}</h1>" in text)
 
 
 def table_rows(html: str, table_id: str) -> list[list[str]]:
-    """The text of each body cell of table ``table_id``."""
+    """The text of each body cell (row headers included) of table ``table_id``."""
     body = re.search(rf'<table[^>]*id="{table_id}".*?<tbody>(.*?)</tbody>', html, re.S).group(1)
-    return [[re.sub(r"<[^>]+>", "", cell).strip() for cell in re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)]
+    return [[re.sub(r"<[^>]+>", "", cell).strip() for cell in re.findall(r"<t[dh][^>]*>(.*?)</t[dh]>", row, re.S)]
             for row in re.findall(r"<tr>(.*?)</tr>", body, re.S)]
 
 
@@ -130,9 +155,14 @@ def ranked(results: Path) -> Ranking:
     return rank_presses([run for run in read_results(results).runs if run.model == MODEL])
 
 
+def value(cell: str) -> str:
+    """A score cell's number, without the interval beneath it."""
+    return cell.split(" [")[0]
+
+
 def auc_column(page: str) -> dict[str, str]:
-    """press -> (rank, AUC cell) from a page's ranking table."""
-    return {row[1]: (row[0], row[2]) for row in table_rows(page, "ranking")}
+    """press -> (rank, AUC) from a page's ranking table."""
+    return {row[1]: (row[0], value(row[2])) for row in table_rows(page, "ranking")}
 
 
 def test_curves_and_matched_levels_follow_their_definitions():
@@ -232,29 +262,40 @@ def test_an_empty_common_range_gives_no_auc_and_a_notice(tmp_path):
 def test_ranking_plot_and_per_task_breakdown(site):
     page = pair_page(site, MODEL)
     ranking = table_rows(page, "ranking")
-    # rank, press, AUC, measured to, at 25/50/75%, points. kvzap_mlp and knorm (kvpress) were measured to 50% only,
-    # so every AUC is the mean accuracy over [0, 0.5] through the reference (80) at 0:
-    # knorm ((80+78)/2*0.25 + (78+75)/2*0.25) / 0.5 = 77.75; knorm (kvpress) (80+75)/2 = 77.5;
-    # kvzap_mlp (80+72)/2 = 76; snapkv ((80+60)/2*0.25 + (60+50)/2*0.25) / 0.5 = 62.5
-    assert [row[:4] for row in ranking] == [["1", "knorm", "77.75", "75.0%"],
-                                            ["2", "knorm (kvpress)", "77.50", "50.0%"],
-                                            ["3", "kvzap_mlp", "76.00", "50.0%"],
-                                            ["4", "snapkv", "62.50", "75.0%"]]
-    assert ranking[0][4:] == ["78.00", "75.00", "70.00", "3"]
-    assert ranking[2][4:7] == ["-", "72.00", "-"]  # kvzap_mlp: one point at 50%, 25% and 75% not covered
+    # rank (tie band), press, AUC, tied with, measured to, no-loss compression, points. kvzap_mlp and knorm
+    # (kvpress) were measured to 50% only, so every AUC is the mean accuracy over [0, 0.5] through the reference (80)
+    # at 0: knorm ((80+78)/2*0.25 + (78+75)/2*0.25) / 0.5 = 77.75; knorm (kvpress) (80+75)/2 = 77.5;
+    # kvzap_mlp (80+72)/2 = 76; snapkv ((80+60)/2*0.25 + (60+50)/2*0.25) / 0.5 = 62.5. Our hand-made runs answer
+    # their one question per task right, so their intervals have no width; the kvpress run got one of its two niah
+    # questions right, and only its right one (niah_single_1-0) is shared with our runs: replicates that drop it
+    # leave our runs without a niah score and are skipped, so its AUC interval is [77.5, 90]. That ties it with
+    # knorm (77.75) above, and puts it clearly ahead of kvzap_mlp (76) below.
+    assert [[value(cell) for cell in row] for row in ranking] == [
+        ["=1", "knorm", "77.75", "knorm (kvpress)", "75.0%", "0.0%", "3"],
+        ["=1", "knorm (kvpress)", "77.50", "knorm", "50.0%", "0.0%", "1"],
+        ["3", "kvzap_mlp", "76.00", "-", "50.0%", "0.0%", "1"],
+        ["4", "snapkv", "62.50", "-", "75.0%", "0.0%", "3"]]
+    assert ranking[1][2] == "77.50 [77.5, 90.0]"
+    matched = {row[0]: [value(cell) for cell in row[1:]] for row in table_rows(page, "matched")}
+    assert matched["knorm"] == ["78.00", "75.00", "70.00", "-", "0.0%"]  # at 25/50/75/87.5%, no-loss compression
+    assert matched["kvzap_mlp"] == ["-", "72.00", "-", "-", "0.0%"]  # one point at 50%: the others not covered
     assert '<th class="num">AUC (mean acc. 0–50%)</th>' in page
     method = re.search(r'<p class="method" id="method">(.*?)</p>', page, re.S).group(1)
     assert "here 0–50%" in method and "(here 50.0%, set by knorm (kvpress), kvzap_mlp)" in method
     assert "divided by c*" in method and 'id="no-common-range"' not in page
-    best = re.findall(r'<span class="best">(.*?)</span>', (site / "index.html").read_text())
-    assert best[:3] == ["1. knorm <small>77.75</small>", "2. knorm (kvpress) <small>77.50</small>",
-                        "3. kvzap_mlp <small>76.00</small>"]
+    row = next(row for row in re.findall(r"<tr>.*?</tr>", (site / "index.html").read_text(), re.S)
+               if f">{MODEL}</a>" in row)
+    best = re.findall(r'<span class="best">(.*?)</span>', row)
+    assert [re.sub(r" \[.*?\]", "", b) for b in best[:3]] == [
+        "=1. knorm <small>77.75</small>", "=1. knorm (kvpress) <small>77.50</small>",
+        "3. kvzap_mlp <small>76.00</small>"]
     plot = re.search(r'<img src="\.\./(plots/[^"]+\.svg)"', page).group(1)
     svg = (site / plot).read_text()
     assert svg.startswith("<?xml") and "<svg" in svg
     tasks = table_rows(page, "tasks")
     knorm_50 = next(row for row in tasks if row[:2] == ["knorm", "compression_ratio=0.5"])
-    assert knorm_50[2:] == ["50.0%", "75.00", "82.00", "68.00"]  # achieved, overall, niah_single_1, vt
+    # achieved, overall, delta vs no_press, niah_single_1, vt
+    assert [value(cell) for cell in knorm_50[2:]] == ["50.0%", "75.00", "\u22125.00", "82.00", "68.00"]
     assert "niah_single_1<br><small>string_match_all</small>" in page
     for detail in ("2025-06-01T12:00:00+00:00", "max_new_tokens=16", "do_sample=False", "Press(compression_ratio=0.5)"):
         assert detail in page
@@ -263,7 +304,10 @@ def test_ranking_plot_and_per_task_breakdown(site):
 def test_kvpress_runs_sit_beside_ours(site):
     page = pair_page(site, MODEL)
     kvpress = next(row for row in table_rows(page, "tasks") if row[0] == "knorm (kvpress)")
-    assert kvpress[2:] == ["50.0%", "75.00", "50.00", "100.00"]  # scored here: 1/2 niah right, vt right
+    # scored here: 1/2 niah right, vt right; the niah interval spans every outcome of resampling its two questions.
+    # The paired delta skips the replicates where no_press (which answered only niah_single_1-0) has no niah score
+    assert kvpress[2:] == ["50.0%", "75.00 [50.0, 100.0]", "\u22125.00 [\u22125.0, +20.0]", "50.00 [0.0, 100.0]",
+                           "100.00 [100.0, 100.0]"]
     assert "knorm (kvpress)" in [row[1] for row in table_rows(page, "ranking")]
 
 
@@ -275,7 +319,7 @@ def test_every_link_stays_inside_the_site(site):
             target = (site / name).parent / link.replace("&#34;", '"').replace("&#39;", "'").replace("&amp;", "&")
             assert target.resolve().is_file() and target.resolve().is_relative_to(site.resolve()), (name, link)
             predictions += link.endswith(("predictions.jsonl", "predictions.csv"))
-    assert predictions == 11  # every run's raw predictions, the pending one and the kvpress one included
+    assert predictions == 14  # every run's raw predictions, the pending one and the kvpress one included
 
 
 def test_rebuild_is_byte_identical(results, site, tmp_path):
@@ -347,6 +391,175 @@ def test_refuses_a_folder_it_did_not_build(results, tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "mine"
     with pytest.raises(ConfigError, match="not a folder of results"):
         build_site(tmp_path / "missing", tmp_path / "site")
+
+
+def answered(right: list[bool], task: str = "niah_single_1") -> list[dict]:
+    """Predictions of one task, right or wrong as given, with the sample ids a sweep gives them."""
+    return [{"sample_id": f"{task}-{i}", "task": task, "question": "q", "answer": ["42"],
+             "prediction": "42" if ok else "7", "compression_ratio": 0.0} for i, ok in enumerate(right)]
+
+
+def test_bootstrap_is_seeded_and_covers_a_known_proportion():
+    rng = np.random.default_rng(7)
+    samples = {"run": [(f"s{i}", "t", 100.0 * (rng.random() < 0.7)) for i in range(60)]}
+    assert (resample_accuracies(samples)["run"] == resample_accuracies(samples)["run"]).all()  # same seed, same draws
+    assert not (resample_accuracies(samples, seed=1)["run"] == resample_accuracies(samples)["run"]).all()
+    # coverage: 200 data sets of 100 questions answered right with probability 0.7; the 95% interval should hold the
+    # true 70% about 95% of the time (percentile intervals of a proportion run a little under at n = 100)
+    hits = 0
+    for trial in range(200):
+        rows = [(f"s{i}", "t", 100.0 * (rng.random() < 0.7)) for i in range(100)]
+        low, high = interval(resample_accuracies({"run": rows}, resamples=1000, seed=trial)["run"])
+        hits += low <= 70.0 <= high
+    assert 0.88 <= hits / 200 <= 0.99, hits
+
+
+def test_per_sample_scores_average_to_the_committed_task_scores():
+    """The bootstrap resamples the registry's per-sample headline scores: their mean per task is the task's score."""
+    from evaluation.metrics.registry import headline_sample_scores
+
+    baseline = Path(__file__).parent.parent / "results" / "baseline"
+    folder = next(baseline.glob("kvtiny__ruler__snapkv__compression_ratio=0.5__*"))
+    records = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
+    metrics = json.loads((folder / "metrics.json").read_text())
+    scores = headline_sample_scores("ruler", records)
+    for task, task_scores in metrics["per_task"].items():
+        mine = [score for record, score in zip(records, scores, strict=True) if record["task"] == task]
+        assert round(100 * sum(mine) / len(mine), 2) == task_scores[metrics["metric"][task]], task
+
+
+def test_the_committed_baseline_page_has_every_section(tmp_path):
+    """Built from results/baseline (ratio presses and the kvzap threshold presses): intervals wherever a score
+    appears, the matched-compression table, the memory notice (the baseline predates those fields), the heatmap."""
+    site = build_site(Path(__file__).parent.parent / "results" / "baseline", tmp_path / "site").parent
+    page = pair_page(site, "kvtiny")
+    interval_ = re.compile(r"^\u2212?\+?\d+\.\d+%? \[\u2212?\+?\d+\.\d%?, \u2212?\+?\d+\.\d%?\]$")
+    for table, columns in (("ranking", [2, 5]), ("matched", [2, 3, 5]), ("tasks", [3, 4, 5, 6])):
+        for row in table_rows(page, table):
+            for index in columns:
+                assert row[index] == "-" or interval_.match(row[index]), (table, row)
+    matched = {row[0]: row for row in table_rows(page, "matched")}
+    assert {"kvzap_mlp", "kvzap_linear", "knorm"} <= set(matched)
+    assert 'id="not-measured"' in page and 'id="task-heatmap"' in page
+    reference = re.search(r"no_press</code> scores 59\.50 <small class=\"ci\">\[(.*?), (.*?)\]", page)
+    low, high = map(float, reference.groups())
+    assert low < 59.5 < high and high - low > 5  # 60 questions: several points either way
+
+
+def test_deltas_are_paired_on_the_same_questions(tmp_path):
+    """Two presses that differ from no_press on the same number of questions but where no_press answered otherwise:
+    paired, one that fails exactly one of no_press's right answers has a tight delta; resampled apart it would not."""
+    right = [i % 2 == 0 for i in range(40)]  # no_press: 20 of 40
+    one_off = [ok and i != 0 for i, ok in enumerate(right)]  # the same answers but one: 19 of 40
+    write_run(tmp_path, "r__no_press", "no_press", None, 50.0, 0.0, task_scores={"niah_single_1": 50.0},
+              predictions=answered(right))
+    write_run(tmp_path, "r__knorm__0", "knorm", 0.5, 47.5, 0.5, task_scores={"niah_single_1": 47.5},
+              predictions=answered(one_off))
+    page = pair_page(build_site(tmp_path, tmp_path / "site").parent, MODEL)
+    row = next(row for row in table_rows(page, "tasks") if row[0] == "knorm")
+    low, high = (float(x.replace("\u2212", "-")) for x in re.search(r"\[(.*?), (.*?)\]", row[4]).groups())
+    assert value(row[4]) == "\u22122.50" and -7.6 <= low <= high <= 0.0  # one question of 40: at most 2.5 points
+    unpaired = interval(resample_accuracies({"a": [(f"a{i}", "t", 100.0 * ok) for i, ok in enumerate(right)]})["a"])
+    assert unpaired[1] - unpaired[0] > 20  # the accuracy alone is uncertain by about +-15 points
+
+
+MEASURED = {"kv_bytes_dense": 8 * 2**20, "kv_bytes_held": {"after_prefill": 4 * 2**20, "end": 5 * 2**20},
+            "peak_memory_bytes": 100 * 2**20, "prefill_tokens_per_s": 1234.5, "decode_tokens_per_s": 56.25}
+
+
+def add_metrics(folder: Path, **fields) -> None:
+    metrics = json.loads((folder / "metrics.json").read_text())
+    (folder / "metrics.json").write_text(json.dumps({**metrics, **fields}))
+
+
+def test_memory_and_speed_are_shown_when_measured(tmp_path):
+    add_metrics(write_run(tmp_path, "r__no_press", "no_press", None, 80.0, 0.0), kv_bytes_dense=8 * 2**20,
+                kv_bytes_held=8 * 2**20, decode_tokens_per_s=50.0)
+    add_metrics(write_run(tmp_path, "r__knorm__0", "knorm", 0.5, 70.0, 0.5), **MEASURED)
+    write_run(tmp_path, "r__snapkv__0", "snapkv", 0.5, 60.0, 0.5)  # not measured: "-" in its row
+    page = pair_page(build_site(tmp_path, tmp_path / "site").parent, MODEL)
+    assert 'id="not-measured"' not in page
+    rows = {row[0]: row[4:] for row in table_rows(page, "memory")}
+    # held / dense, held (the "end" value preferred), peak, prefill tok/s, decode tok/s
+    assert rows["knorm"] == ["62.5%", "5.0 MiB", "100.0 MiB", "1,234.5", "56.2"]
+    assert rows["no_press"] == ["100.0%", "8.0 MiB", "-", "-", "50.0"]
+    assert rows["snapkv"] == ["-"] * 5
+    plot = re.search(r'<img src="\.\./(plots/[^"]+__memory\.svg)" alt="Accuracy versus KV-cache bytes', page)
+    assert plot and (tmp_path / "site" / plot.group(1)).read_text().startswith("<?xml")
+
+
+def test_memory_and_speed_not_measured_says_so(site):
+    page = pair_page(site, MODEL)
+    assert 'id="not-measured"' in page and 'id="memory"' not in page and "__memory.svg" not in page
+
+
+def test_task_heatmap_at_the_chosen_compression(site, results, tmp_path):
+    page = pair_page(site, MODEL)
+    rows = {row[0]: row[1:] for row in table_rows(page, "task-heatmap")}
+    # columns niah_single_1, vt; each task score = accuracy + 7 / - 7, interpolated at 50%
+    assert rows["no_press"] == ["87.0", "73.0"] and rows["knorm"] == ["82.0", "68.0"]
+    assert rows["kvzap_mlp"] == ["79.0", "65.0"] and rows["snapkv"] == ["57.0", "43.0"]
+    assert 'class="num h8"' in page  # 82 rounds to the 8th of 10 colour classes
+    at_25 = pair_page(build_site(results, tmp_path / "at25", heatmap_level=0.25).parent, MODEL)
+    rows = {row[0]: row[1:] for row in table_rows(at_25, "task-heatmap")}
+    assert rows["knorm"] == ["85.0", "71.0"] and rows["kvzap_mlp"] == ["-", "-"]  # kvzap measured at 50% only
+
+
+def test_needle_heatmap_for_needle_runs(tmp_path):
+    grid = NEEDLE_GRID
+    for press, value_ in (("no_press", None), ("knorm", 0.5)):
+        folder = write_run(tmp_path, f"n__{press}", press, value_, 60.0, value_ or 0.0)
+        set_dataset(folder, "needle_in_haystack")
+        add_metrics(folder, dataset="needle_in_haystack", by_length_depth=grid)
+    site = build_site(tmp_path, tmp_path / "site").parent
+    page = pair_page(site, MODEL, "needle_in_haystack")
+    assert "depth × context length" in page
+    for index in (0, 1):
+        table = re.search(rf'<table class="heatmap" id="needle-{index}">.*?</table>', page, re.S).group(0)
+        assert "<th class=\"num\">512</th><th class=\"num\">1,024</th>" in table
+        assert table_rows(table, f"needle-{index}") == [["0%", "100.0", "90.0"], ["50%", "50.0", "0.0"]]
+    ruler = write_run(tmp_path / "r", "r__knorm", "knorm", 0.5, 60.0, 0.5)
+    add_metrics(ruler, by_length_depth=grid)  # only the needle dataset's page draws it
+    assert "needle-0" not in pair_page(build_site(tmp_path / "r", tmp_path / "site2").parent, MODEL)
+
+
+def test_index_summarises_each_model_across_datasets(tmp_path):
+    for dataset, knorm, snapkv in (("ruler", 70.0, 60.0), ("ruler-4096", 50.0, 65.0), ("other", 40.0, 30.0)):
+        for press, accuracy in (("no_press", 80.0), ("knorm", knorm), ("snapkv", snapkv)):
+            folder = write_run(tmp_path, f"{dataset}__{press}", press, None if press == "no_press" else 0.5,
+                               accuracy, 0.0 if press == "no_press" else 0.5)
+            set_dataset(folder, dataset)
+    index = build_site(tmp_path, tmp_path / "site").read_text()
+    # AUC over [0, 0.5] through no_press = (80 + accuracy) / 2; normalised by 80. knorm ranks 1, 2, 1: mean 1.33;
+    # AUCs 75, 65, 60 -> 93.75%, 81.25%, 75% -> 83.3%. snapkv ranks 2, 1, 2; AUCs 70, 72.5, 55 -> 82.3%
+    rows = table_rows(index, "summary-1")
+    assert [[value(cell) for cell in row] for row in rows] == [["knorm", "1.3", "83.3%", "3"],
+                                                                ["snapkv", "1.7", "82.3%", "3"]]
+    assert rows[0][2] == "83.3% [83.3%, 83.3%]"  # every question answered right: no spread to resample
+    assert "3 dataset(s)" in index
+
+
+def test_kvpress_leaderboard_layout(tmp_path):
+    """The kvpress leaderboard's benchmark/<dataset>__<data_dir>__<model>__<press>__<ratio>/ folders: the folder name
+    fills what config.yaml leaves out; they show beside our runs on a page of their own data_dir."""
+    folder = tmp_path / "benchmark" / "ruler__4096__Qwen--Qwen3-8B__knorm__0.50"
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump({"max_new_tokens": 16, "seed": 42}))
+    (folder / "metrics.json").write_text(json.dumps({"niah_single_1": {"string_match": 50.0}}))
+    (folder / "predictions.csv").write_text("task,question,answer,predicted_answer\n"
+                                            "niah_single_1,q,['42'],42\nniah_single_1,q,['7'],8\n")
+    reference = tmp_path / "benchmark" / "ruler__4096__Qwen--Qwen3-8B__no_press__0.00"
+    shutil.copytree(folder, reference)
+    (reference / "predictions.csv").write_text("task,question,answer,predicted_answer\n"
+                                               "niah_single_1,q,['42'],42\nniah_single_1,q,['7'],7\n")
+    runs = read_results(tmp_path).runs
+    assert {(r.model, r.dataset, r.data_dir, r.press, r.knob, r.value, r.compression) for r in runs} == {
+        ("Qwen/Qwen3-8B", "ruler", "4096", "knorm", "compression_ratio", 0.5, 0.5),
+        ("Qwen/Qwen3-8B", "ruler", "4096", "no_press", None, None, 0.0)}
+    site = build_site(tmp_path, tmp_path / "site").parent
+    page = pair_page(site, "Qwen/Qwen3-8B", "ruler (4096)")
+    assert "ruler (4096)" in page and table_rows(page, "ranking")[0][1] == "knorm (kvpress)"
+    assert any(name.endswith("metrics.json") for name in map(str, (site / "runs").rglob("*")))
 
 
 # Headless Chromium ---------------------------------------------------------------------------------------------------
@@ -430,18 +643,22 @@ def test_site_in_headless_chromium(site, served, browser, tmp_path):
     ranked = ["knorm", "knorm (kvpress)", "kvzap_mlp", "snapkv"]  # by AUC over [0, 0.5]: 77.75, 77.5, 76, 62.5
     assert column(browser, "ranking", 1) == ranked
 
-    def click(header: str) -> None:
-        browser.find_element(By.XPATH, f'//table[@id="ranking"]//th[text()="{header}"]').click()
+    def click(header: str, table: str = "ranking") -> None:
+        browser.find_element(By.XPATH, f'//table[@id="{table}"]//th[text()="{header}"]').click()
 
     click("press")
     assert column(browser, "ranking", 1) == sorted(ranked)
     click("press")
     assert column(browser, "ranking", 1) == sorted(ranked, reverse=True)
-    click("accuracy at 50%")  # numeric columns sort largest first
-    assert column(browser, "ranking", 5) == ["75.00", "75.00", "72.00", "50.00"]
-    click("accuracy at 25%")
-    click("accuracy at 25%")  # ascending now, and "-" (level not covered) still last
-    assert column(browser, "ranking", 4) == ["60.00", "78.00", "-", "-"]
+
+    def numbers(index: int) -> list[str]:
+        return [cell.split(" [")[0] for cell in column(browser, "matched", index)]
+
+    click("accuracy at 50%", "matched")  # numeric columns sort largest first, by the score, not its interval
+    assert numbers(2) == ["75.00", "75.00", "72.00", "50.00"]
+    click("accuracy at 25%", "matched")
+    click("accuracy at 25%", "matched")  # ascending now, and "-" (level not covered) still last
+    assert numbers(1) == ["60.00", "78.00", "-", "-"]
     browser.save_screenshot(str(tmp_path / "leaderboard.png"))
     assert (tmp_path / "leaderboard.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -455,3 +672,50 @@ def test_site_in_headless_chromium(site, served, browser, tmp_path):
     browser.get((site / next(name for name in pages(site) if "pwned" in name)).as_uri())
     assert browser.execute_script("return document.images.length && document.images[0].naturalWidth") > 0
     assert severe(browser) == []  # opened from disk too: the page's policy allows its own files over file://
+
+
+LAYOUT = """
+const problems = [];
+const main = document.querySelector("main");
+const padding = parseFloat(getComputedStyle(main).paddingLeft) + parseFloat(getComputedStyle(main).paddingRight);
+for (const cell of document.querySelectorAll("td, th")) {
+  const text = cell.textContent.trim().slice(0, 50);
+  if (cell.scrollWidth > cell.clientWidth) problems.push(["overflows", text, cell.scrollWidth, cell.clientWidth]);
+  const free = cell.matches(".prose, .list");  // prose wraps; lists wrap between their items only
+  if (!free && getComputedStyle(cell).whiteSpace !== "nowrap") problems.push(["may break", text]);
+  if (cell.matches(".list")) for (const item of cell.children)
+    if (getComputedStyle(item).whiteSpace !== "nowrap") problems.push(["item may break", item.textContent]);
+}
+for (const image of document.images) {
+  if (!image.alt.trim()) problems.push(["no alt text", image.src]);
+  const width = image.getBoundingClientRect().width;
+  if (width < 0.98 * (main.clientWidth - padding)) problems.push(["plot narrower than the content", width]);
+}
+for (const abbr of document.querySelectorAll(".abbr"))
+  if (!abbr.title || !abbr.textContent.endsWith("…") || !abbr.title.startsWith(abbr.textContent.slice(0, -1)))
+    problems.push(["abbreviation without its full text", abbr.textContent]);
+const page = document.documentElement;
+if (page.scrollWidth > page.clientWidth) problems.push(["the page scrolls sideways", page.scrollWidth]);
+return problems;
+"""
+
+
+@needs_browser
+def test_layout_at_1400_and_800_px(site, served, browser, tmp_path):
+    """No cell overflows (scrollWidth <= clientWidth) or may break a number or name, every plot has alt text and
+    spans the content width, long names are cut with a tooltip, and no page scrolls sideways, at both widths."""
+    names = list(pages(site))
+    assert len(names) == 5  # index, tiny-model ruler, hostile, measured ruler and needle
+    for width in (1400, 800):
+        browser.set_window_size(width, 1000)
+        for name in names:
+            browser.get(served + name)
+            assert browser.execute_script(LAYOUT) == [], (width, name)
+        browser.get(served + "index.html")
+        browser.save_screenshot(str(tmp_path / f"index-{width}.png"))
+    browser.get(served + next(name for name in names if "measured__ruler" in name))
+    cut = browser.execute_script("return Array.from(document.querySelectorAll('.abbr'), a => a.title)")
+    assert LONG_PRESS in cut
+    for table in ("ranking", "matched", "memory", "tasks", "task-heatmap"):
+        assert browser.find_element("id", table).is_displayed()
+    browser.set_window_size(1280, 1000)

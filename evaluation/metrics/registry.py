@@ -339,3 +339,30 @@ def score_dataset(dataset_name: str, records: Sequence[Mapping[str, Any]], style
 def dataset_names() -> list[str]:
     """The names :func:`score_dataset` accepts."""
     return DATASETS.names()
+
+
+def headline_sample_scores(dataset_name: str, records: Sequence[Mapping[str, Any]],
+                           style: str | None = None) -> list[float]:
+    """Each record's score (in [0, 1]) under its task's headline metric, in record order: what the leaderboard's
+    bootstrap resamples. Prepared exactly as :func:`score_dataset` prepares them, so for mean-based metrics the
+    mean of a task's scores, in percent, is that task's score (up to its rounding)."""
+    scoring = DATASETS.get(dataset_name)
+    style = scoring.styles[0] if style is None else style
+    if style not in scoring.styles:
+        raise unknown_name_error(f"{dataset_name} style", style, scoring.styles)
+    by_task: dict[str, list[int]] = {}
+    for i, record in enumerate(records):
+        if "task" not in record:
+            raise ValueError(f"record {i} has no 'task'")
+        by_task.setdefault(str(record["task"]), []).append(i)
+    scores = [0.0] * len(records)
+    for task, indices in by_task.items():
+        metric = METRICS.get(scoring.metrics_for(task, style)[0])
+        task_records = [records[i] for i in indices]
+        # as _score_task: records without a class list borrow the task's first
+        task_classes = next((r.get("all_classes") for r in task_records if r.get("all_classes") is not None), None)
+        for i, record in zip(indices, task_records, strict=True):
+            text = scoring.prepare(task, _prediction(record, i), style)
+            classes = task_classes if record.get("all_classes") is None else record["all_classes"]
+            scores[i] = float(metric.sample_fn(text, _references(record, i), all_classes=classes))
+    return scores
