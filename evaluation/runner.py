@@ -219,12 +219,13 @@ def run_sweep(config: EvalConfig) -> list[RunResult]:
 
 
 def results_table(results: list[RunResult]) -> str:
-    rows = [f"{'dataset':<12} {'press':<24} {'point':<24} {'score':>7} {'achieved':>9} {'n':>5}  folder"]
+    width = max([len("dataset"), *(len(result.spec.dataset) for result in results)])
+    rows = [f"{'dataset':<{width}} {'press':<24} {'point':<24} {'score':>7} {'achieved':>9} {'n':>5}  folder"]
     for result in results:
         spec, metrics = result.spec, result.metrics
         point = f"{spec.knob}={spec.value}" if spec.knob else "-"
         achieved = metrics.get("compression_ratio")
-        rows.append(f"{spec.dataset:<12} {spec.press:<24} {point:<24} {metrics['overall']:>7.2f} "
+        rows.append(f"{spec.dataset:<{width}} {spec.press:<24} {point:<24} {metrics['overall']:>7.2f} "
                     f"{achieved if achieved is None else round(achieved, 3):>9} {metrics['n_predictions']:>5}  "
                     f"{result.folder}")
     return "\n".join(rows)
