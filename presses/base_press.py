@@ -128,6 +128,7 @@ class BasePress:
     def reset(self) -> None:
         """Forget all evictions (a new context is about to be prefilled)."""
         self.__dict__["_state"] = {}  # a fresh dict: a state tree lent to a decoding row stays intact
+        self.__dict__["_decode_masks"] = {}
         for child in self.children():
             child.reset()
 
@@ -219,9 +220,18 @@ class BasePress:
         if evicted.shape[-1] > past:  # the cache was cropped (e.g. between questions): forget dropped positions
             self._truncate_positions(past)
             evicted = state["evicted"]
-        if not evicted.any():
+        masks = self.__dict__.setdefault("_decode_masks", {})
+        cached = masks.get(module.layer_idx)
+        if cached is None or cached["evicted"] is not evicted:  # the evictions changed: start a new entry
+            cached = masks[module.layer_idx] = {"evicted": evicted, "any": bool(evicted.any()), "keep": None}
+        if not cached["any"]:
             return None
         q_len = compat.hidden_states_from(args, kwargs).shape[1]
+        if q_len == 1 and kwargs.get("attention_mask") is None and compat.attn_implementation(module) == "sdpa":
+            # A decoding step under sdpa: the mask is the kept pairs, grown in place, so a step costs nothing that
+            # grows with the eviction history (the buffer is rebuilt only when the evictions change).
+            kwargs["attention_mask"] = _grown_keep_mask(cached, module, past + 1)
+            return args, kwargs
         padded = _pad_positions(evicted, past + q_len)
         kwargs["attention_mask"] = compat.mask_evicted_pairs(module, kwargs.get("attention_mask"), padded, q_len)
         return args, kwargs
@@ -267,6 +277,19 @@ class BasePress:
                     state[name] = state[name][..., :length]
         for child in self.children():
             child._truncate_positions(length)
+
+
+def _grown_keep_mask(cached: dict, module: nn.Module, k_len: int) -> torch.Tensor:
+    """Boolean sdpa mask (batch, num_heads, 1, k_len), True = attend, over a buffer with room to grow: positions
+    after the evicted ones are kept, so the next step's mask is a longer view of the same buffer."""
+    keep = cached["keep"]
+    if keep is None or keep.shape[-1] < k_len:
+        evicted = cached["evicted"]
+        capacity = max(2 * k_len, k_len + 256)
+        keep = torch.ones((*evicted.shape[:2], 1, capacity), dtype=torch.bool, device=evicted.device)
+        keep[..., 0, : evicted.shape[-1]] = ~evicted
+        keep = cached["keep"] = keep.repeat_interleave(compat.num_key_value_groups(module), dim=1)
+    return keep[..., :k_len]
 
 
 def _pad_positions(mask: torch.Tensor, length: int) -> torch.Tensor:
