@@ -198,8 +198,8 @@ def execute(model: nn.Module, tokenizer, records: list[dict], runs: list[Prepare
     instances = [_Instance(run, k, run.press if k == 0 else run.new_press())
                  for k in range(config.num_samples) for run in runs]
     eos_ids = eos_token_ids(model, tokenizer)
-    batch_size = config.batch_size or default_batch_size(
-        model, max(len(g[0]["context"]) for g in groups) // 2, config.max_new_tokens or 256)
+    longest = max(len(g[0]["context"]) for g in groups) // 2  # tokens, bounded above by characters / 2
+    batch_size = config.batch_size or default_batch_size(model, longest, config.max_new_tokens or 256)
     decoder = BatchedDecoder(model, eos_ids, batch_size)
     with ExitStack() as stack:
         for instance in instances:
@@ -226,7 +226,8 @@ def _rows(model: nn.Module, tokenizer, groups: list[list[dict]], instances: list
         if not waiting:
             continue
         parts = encode_group(tokenizer, group, config, truncation, device)
-        prefilled = _prefill(model, parts.context_ids, group, [instance for instance, _ in waiting], config)
+        prefilled = _prefill(model, parts.context_ids, group, [instance for instance, _ in waiting], instances,
+                             config)
         context = SharedContext.from_cache(prefilled, n_layers)
         del prefilled
         settings = {k: generation_settings(config, max(r["max_new_tokens"] for r in group), k)
@@ -248,8 +249,14 @@ def _rows(model: nn.Module, tokenizer, groups: list[list[dict]], instances: list
 
 
 def _prefill(model: nn.Module, context_ids: torch.Tensor, group: list[dict], instances: list[_Instance],
-             config: EvalConfig):
-    """One dense prefill of the context with every waiting press attached; returns the dense cache."""
+             everyone: list[_Instance], config: EvalConfig):
+    """One dense prefill of the context with every waiting press attached; returns the dense cache.
+
+    Presses of cells with nothing left to answer for this context stay attached but inactive.
+    """
+    waiting = {id(instance.press) for instance in instances}
+    for instance in everyone:
+        instance.press.hooks_active = id(instance.press) in waiting
     for k in sorted({instance.sample_index for instance in instances}):
         seed_context(config, group, k)
         for instance in instances:
@@ -262,8 +269,9 @@ def _prefill(model: nn.Module, context_ids: torch.Tensor, group: list[dict], ins
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         model(input_ids=context_ids, **{compat.model_cache_kwarg(): cache}, use_cache=True)
-    for instance in instances:
+    for instance in everyone:
         instance.press.shared_work = None
+        instance.press.hooks_active = True
     return cache
 
 

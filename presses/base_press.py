@@ -208,8 +208,18 @@ class BasePress:
             for handle in handles:
                 handle.remove()
 
+    @property
+    def hooks_active(self) -> bool:
+        """False while the sweep engine leaves this press out of a prefill (its cell has nothing left to answer
+        for that context): its hooks then do nothing."""
+        return not _HOOKS_PAUSED.get() and self.__dict__.get("_hooks_active", True)
+
+    @hooks_active.setter
+    def hooks_active(self, active: bool) -> None:
+        self.__dict__["_hooks_active"] = active
+
     def _before_attention(self, module: nn.Module, args: tuple, kwargs: dict):
-        if _HOOKS_PAUSED.get():
+        if not self.hooks_active:
             return None
         cache = compat.cache_from_kwargs(kwargs)
         past = compat.cache_length(cache, module.layer_idx)
@@ -237,7 +247,7 @@ class BasePress:
         return args, kwargs
 
     def _after_attention(self, module: nn.Module, args: tuple, kwargs: dict, output):
-        if _HOOKS_PAUSED.get():
+        if not self.hooks_active:
             return output
         cache = compat.cache_from_kwargs(kwargs)
         keys, values = compat.keys_values(cache, module.layer_idx)

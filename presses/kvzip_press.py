@@ -182,7 +182,7 @@ class KVzipPress(BasePress):
         return layer.evicted  # decided over all layers at once, after the whole prefill (see _after_prefill)
 
     def _after_prefill(self, base: nn.Module, args: tuple, kwargs: dict, output) -> None:
-        if self._scoring or self.compression_ratio == 0:
+        if self._scoring or self.compression_ratio == 0 or not self.hooks_active:
             return
         cache = compat.cache_from_output(output)
         if cache is None:

@@ -96,6 +96,23 @@ def test_kvzip_at_two_ratios_shares_its_reconstruction(kvtiny, tmp_path, monkeyp
     assert batched == answers(kvtiny, tmp_path, factories, BASE, "sequential")
 
 
+def test_a_cell_with_nothing_left_to_answer_stays_out_of_the_prefill(kvtiny, tmp_path, monkeypatch):
+    model, tokenizer = kvtiny
+    records = load_records("ruler", BASE, tokenizer)
+    first = answers(kvtiny, tmp_path, {"kvzip": lambda: KVzipPress(0.5)}, BASE, "batched")["kvzip"]
+    calls = []
+    original = KVzipPress._score_context
+    monkeypatch.setattr(KVzipPress, "_score_context", lambda self, *a: calls.append(1) or original(self, *a))
+    done = {key: {"sample_id": key} for key in first}  # kvzip's cell is complete, knorm's is not
+    runs = [PreparedRun("kvzip", "kvzip", "ruler", KVzipPress(0.5), tmp_path / "kvzip", PredictionCache(tmp_path / "a"),
+                        done, KVzipPress),
+            PreparedRun("knorm", "knorm", "ruler", KnormPress(0.5), tmp_path / "knorm", PredictionCache(tmp_path / "b"),
+                        {}, KnormPress)]
+    with tqdm(disable=True) as progress:
+        execute(model, tokenizer, records, runs, BASE, progress)
+    assert calls == [] and len(runs[1].done) == len(records) and runs[0].done == done
+
+
 def test_presses_that_compress_while_decoding(kvtiny, tmp_path):
     result = assert_same(kvtiny, tmp_path, {
         "kvzap_mlp_decoding": lambda: DMSPress(KVzapPress(model_type="mlp"), threshold=-4, sliding_window_size=16,
