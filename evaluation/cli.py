@@ -63,7 +63,7 @@ def smoke(context_length: int = 512, compression_ratio: float = 0.5, threshold: 
         for name, spec in sorted(PRESSES.items()):
             if name.startswith("kvzip"):
                 continue  # needs a tokenizer for its repeat prompt; covered by the tests
-            knob = {"compression_ratio": compression_ratio, "threshold": threshold}.get(spec.knob)
+            knob = threshold if spec.knob == "threshold" else compression_ratio
             kwargs = {spec.knob: knob} if spec.knob else {}
             if name.startswith("kvzap"):
                 kwargs["checkpoint"] = f"{surrogate_dir}/{'linear' if name == 'kvzap_linear' else 'mlp'}"

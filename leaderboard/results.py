@@ -22,9 +22,9 @@ from evaluation.cache import CONFIG_FILE, METRICS_FILE, PREDICTIONS_FILE, CacheE
 from evaluation.config import ConfigError
 from evaluation.kvpress_format import KVPRESS_PREDICTIONS, find_runs, load_kvpress_run
 from evaluation.scoring import score_run
+from presses.registry import KNOBS
 
 REFERENCE_PRESS = "no_press"
-KNOBS = ("compression_ratio", "threshold")
 EXAMPLES_PER_RUN = 3
 OURS, KVPRESS = "kvpress-eval", "kvpress"
 
