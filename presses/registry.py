@@ -18,6 +18,7 @@ from presses.adakv_press import AdaKVPress
 from presses.base_press import BasePress
 from presses.block_press import BlockPress
 from presses.chunkkv_press import ChunkKVPress
+from presses.compactor_press import CompactorPress
 from presses.composed_press import ComposedPress
 from presses.criticalkv_press import CriticalAdaKVPress, CriticalKVPress
 from presses.cur_press import CURPress
@@ -30,10 +31,13 @@ from presses.knorm_press import KnormPress
 from presses.kvzap_press import KVzapPress
 from presses.kvzip_press import KVzipPress
 from presses.lagkv_press import LagKVPress
+from presses.leverage_press import LeverageScorePress
 from presses.no_press import NoPress
+from presses.non_causal_attention_press import NonCausalAttnPress
 from presses.observed_attention_press import ObservedAttentionPress
 from presses.pyramidkv_press import PyramidKVPress
 from presses.random_press import RandomPress
+from presses.simlayerkv_press import SimLayerKVPress
 from presses.snapkv_press import SnapKVPress
 from presses.streaming_llm_press import StreamingLLMPress
 from presses.think_press import ThinKPress
@@ -170,6 +174,15 @@ register("snap_think",
          lambda compression_ratio=0.0, key_channel_compression_ratio=0.5, **kw: ComposedPress(
              [SnapKVPress(compression_ratio), ThinKPress(key_channel_compression_ratio, **kw)]),
          "SnapKV then ThinK (key channel ratio 0.5 unless given as a press argument)")
+register("compactor", CompactorPress,
+         "key leverage blended with non-causal chunked attention, query-agnostic (Chari & Van Durme 2025)")
+register("adakv_compactor", lambda compression_ratio=0.0, **kw: AdaKVPress(CompactorPress(compression_ratio), **kw),
+         "Compactor scores with AdaKV head-wise budgets")
+register("leverage", LeverageScorePress, "approximate leverage of the pre-RoPE keys, Compactor's first half")
+register("non_causal_attention", NonCausalAttnPress,
+         "attention received within non-causal chunks times |v|, Compactor's second half")
+register("simlayerkv", SimLayerKVPress,
+         "lazy layers keep only sinks and recent tokens (Zhang et al. 2024); lazy_threshold 1 = off, as kvpress")
 
 # kvpress's evaluate_registry.py names present here (kvpress's DuoAttention/QFilter/FastKVzip names come with those
 # presses). Each means what it means in kvpress.
@@ -179,4 +192,5 @@ KVPRESS_NAMES = frozenset({
     "kvzip_plus", "kvzap_linear", "kvzap_mlp", "kvzap_mlp_head", "kvzap_mlp_layer", "lagkv", "knorm",
     "observed_attention", "pyramidkv", "random", "snap_think", "snapkv", "streaming_llm", "think", "tova",
     "no_press", "decoding_knorm", "decoding_streaming_llm", "decoding_tova", "decoding_keydiff",
+    "compactor", "adakv_compactor",
 })

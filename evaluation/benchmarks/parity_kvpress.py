@@ -58,7 +58,13 @@ KVPRESS_CONSTRUCTORS = {
     "critical_adakv_expected_attention": "CriticalAdaKVPress(ExpectedAttentionPress(r, use_vnorm=False))",
     "cur": "CURPress(r)",
     "think": "ThinKPress(key_channel_compression_ratio=r)",
+    "non_causal_attention": "NonCausalAttnPress(r)",
+    "leverage": "LeverageScorePress(r)",
+    "compactor": "CompactorPress(r)",
+    "adakv_compactor": "AdaKVPress(CompactorPress(r))",
 }
+# Presses that draw random numbers (Compactor's sketch): both sides seed torch identically before each forward.
+SEED = 0
 
 
 def tiny_config(architecture: str):
@@ -129,6 +135,7 @@ def our_side(folder: Path, names: list[str]) -> dict:
                 knob = "key_channel_compression_ratio" if name == "think" else "compression_ratio"
                 press = build_press(name, **{knob: ratio})
                 cache = DynamicCache(config=model.config)
+                torch.manual_seed(SEED)
                 with press(model), torch.no_grad():
                     model(input_ids=ids, **{model_cache_kwarg(): cache})
                 n_layers = model.config.num_hidden_layers
@@ -161,6 +168,7 @@ def kvpress_side(folder: Path, names: list[str]) -> dict:
                     continue
                 press = eval(KVPRESS_CONSTRUCTORS[name], dict(namespace, r=ratio))  # noqa: S307 (our own table)
                 cache = DynamicCache()
+                torch.manual_seed(SEED)
                 with press(model), torch.no_grad():
                     model(input_ids=ids, past_key_values=cache)
                 if name == "think":
