@@ -32,6 +32,7 @@ from presses.kvzap_press import KVzapPress
 from presses.kvzip_press import KVzipPress
 from presses.lagkv_press import LagKVPress
 from presses.leverage_press import LeverageScorePress
+from presses.merging_press import MergingPress
 from presses.no_press import NoPress
 from presses.non_causal_attention_press import NonCausalAttnPress
 from presses.observed_attention_press import ObservedAttentionPress
@@ -183,6 +184,21 @@ register("non_causal_attention", NonCausalAttnPress,
          "attention received within non-causal chunks times |v|, Compactor's second half")
 register("simlayerkv", SimLayerKVPress,
          "lazy layers keep only sinks and recent tokens (Zhang et al. 2024); lazy_threshold 1 = off, as kvpress")
+register("merging_knorm", lambda compression_ratio=0.0, **kw: MergingPress(KnormPress(compression_ratio), **kw),
+         "knorm, evicted values merged into their most similar kept key's value")
+register("merging_snapkv", lambda compression_ratio=0.0, **kw: MergingPress(SnapKVPress(compression_ratio), **kw),
+         "SnapKV, evicted values merged into their most similar kept key's value")
+register("merging_expected_attention",
+         lambda compression_ratio=0.0, **kw: MergingPress(ExpectedAttentionPress(compression_ratio, epsilon=1e-2),
+                                                          **kw),
+         "Expected Attention (epsilon 1e-2), evicted values merged into their most similar kept key's value")
+
+
+def _merging_kvzap(compression_ratio: float = 0.0, checkpoint: str | None = None, **kwargs) -> BasePress:
+    return MergingPress(KVzapPress(compression_ratio, model_type="mlp", checkpoint=checkpoint), **kwargs)
+
+
+register("merging_kvzap_mlp", _merging_kvzap, "KVzap MLP scores top-k, evicted values merged into similar kept ones")
 
 # kvpress's evaluate_registry.py names present here (kvpress's DuoAttention/QFilter/FastKVzip names come with those
 # presses). Each means what it means in kvpress.
@@ -192,5 +208,6 @@ KVPRESS_NAMES = frozenset({
     "kvzip_plus", "kvzap_linear", "kvzap_mlp", "kvzap_mlp_head", "kvzap_mlp_layer", "lagkv", "knorm",
     "observed_attention", "pyramidkv", "random", "snap_think", "snapkv", "streaming_llm", "think", "tova",
     "no_press", "decoding_knorm", "decoding_streaming_llm", "decoding_tova", "decoding_keydiff",
-    "compactor", "adakv_compactor",
+    "compactor", "adakv_compactor", "merging_knorm", "merging_snapkv", "merging_expected_attention",
+    "merging_kvzap_mlp",
 })

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from evaluation.cache import run_folder_name
 from evaluation.config import ConfigError, resolve_config
@@ -29,7 +30,6 @@ NOT_YET = {
     "finch", "kvcompose", "kvcompose_unstructured", "lukv", "RestoreKV", "RestoreKV_plus",
     "cam_streaming_llm", "cam_knorm", "cam_adakv_snapkv", "cam_tova",
     "decoding_adakv_expected_attention_e2", "decoding_adakv_snapkv",
-    "merging_knorm", "merging_snapkv", "merging_expected_attention", "merging_kvzap_mlp",
 }
 
 
@@ -85,3 +85,25 @@ def test_presses_that_rewrite_the_cache_say_so_through_their_wrappers():
     assert build_press("snap_think", compression_ratio=0.5).rewrites_cache
     assert not build_press("chunkkv", compression_ratio=0.5).rewrites_cache
     assert not build_press("expected_attention", compression_ratio=0.5).rewrites_cache
+
+
+def test_merging_writes_merged_values_at_kept_positions_and_leaves_keys_alone():
+    from conftest import make_model, random_ids
+    from transformers import DynamicCache
+
+    from presses.compat import model_cache_kwarg
+
+    model = make_model("qwen3", "sdpa")
+    caches = {}
+    for name in ("knorm", "merging_knorm"):
+        press = build_press(name, compression_ratio=0.5)
+        caches[name] = DynamicCache(config=model.config)
+        with press(model), torch.no_grad():
+            model(input_ids=random_ids(80), **{model_cache_kwarg(): caches[name]})
+        assert press.rewrites_cache == (name == "merging_knorm")
+    evicted = press.evicted_mask(0)[0]  # same selection as knorm: merging only changes values
+    plain, merged = caches["knorm"].layers[0], caches["merging_knorm"].layers[0]
+    assert torch.equal(plain.keys, merged.keys)
+    assert torch.equal(plain.values[0][evicted], merged.values[0][evicted])
+    changed = (plain.values[0] != merged.values[0]).any(-1)
+    assert changed.any() and not (changed & evicted).any()

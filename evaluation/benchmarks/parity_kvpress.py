@@ -62,6 +62,9 @@ KVPRESS_CONSTRUCTORS = {
     "leverage": "LeverageScorePress(r)",
     "compactor": "CompactorPress(r)",
     "adakv_compactor": "AdaKVPress(CompactorPress(r))",
+    "merging_knorm": "MergingPress(KnormPress(r))",
+    "merging_snapkv": "MergingPress(SnapKVPress(r))",
+    "merging_expected_attention": "MergingPress(ExpectedAttentionPress(r, epsilon=1e-2))",
 }
 # Presses that draw random numbers (Compactor's sketch): both sides seed torch identically before each forward.
 SEED = 0
