@@ -6,7 +6,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from presses.base_press import BasePress, LayerInputs, keep_top_scores
+from presses.adakv_press import AdaKVPress
+from presses.base_press import BasePress, LayerInputs
 from presses.errors import PressError
 from presses.scorer_press import ScorerPress
 
@@ -18,18 +19,19 @@ class DecodingPress(BasePress):
     kvpress's DecodingPress: the prefill is left alone; during decoding the hidden states of the last
     ``hidden_states_buffer_size`` steps (with their rotary embeddings) are buffered and handed to ``base_press`` to
     score the whole cache; each head then keeps its ``target_size`` best pairs. Configured by its constructor, it
-    has no sweep knob (like kvpress, it runs at one setting and reports the compression it achieved).
+    has no sweep knob (like kvpress, it runs at one setting and reports the compression it achieved). With an
+    ``AdaKVPress`` base the layer keeps ``kv_heads * target_size`` pairs chosen over all heads together.
     """
 
-    base_press: ScorerPress = None
+    base_press: ScorerPress | AdaKVPress = None
     compression_interval: int = 512
     target_size: int = 2048
     hidden_states_buffer_size: int = 256
     knob: ClassVar[str | None] = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.base_press, ScorerPress):
-            raise TypeError(f"DecodingPress wraps a ScorerPress, got {type(self.base_press).__name__}")
+        if not isinstance(self.base_press, (ScorerPress, AdaKVPress)):
+            raise TypeError(f"DecodingPress wraps a ScorerPress or an AdaKVPress, got {type(self.base_press).__name__}")
         if self.compression_interval <= 0 or self.target_size <= 0:
             raise PressError("DecodingPress: compression_interval and target_size must be positive")
 
@@ -61,7 +63,7 @@ class DecodingPress(BasePress):
             )
             if scores.shape[-1] != layer.k_len:
                 raise PressError(f"{type(self.base_press).__name__} cannot score a whole cache while decoding")
-            evicted = keep_top_scores(scores, self.target_size, evicted)
+            evicted = self.base_press.select(scores, self.target_size, evicted)
         if steps >= self.compression_interval:
             steps = 0
         keep = self.hidden_states_buffer_size

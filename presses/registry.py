@@ -149,6 +149,11 @@ register("decoding_tova", lambda **kw: DecodingPress(base_press=TOVAPress(), **k
          "TOVA applied while decoding: every 512 steps, keep 2048 pairs per head")
 register("decoding_keydiff", lambda **kw: DecodingPress(base_press=KeyDiffPress(), **kw),
          "KeyDiff applied while decoding: every 512 steps, keep 2048 pairs per head")
+register("decoding_adakv_expected_attention_e2",
+         lambda **kw: DecodingPress(base_press=AdaKVPress(ExpectedAttentionPress(epsilon=1e-2)), **kw),
+         "Expected Attention (epsilon 1e-2) with AdaKV budgets while decoding: every 512 steps, 2048 pairs per head")
+register("decoding_adakv_snapkv", lambda **kw: DecodingPress(base_press=AdaKVPress(SnapKVPress()), **kw),
+         "SnapKV with AdaKV budgets while decoding: every 512 steps, 2048 pairs per head on average")
 register("block_keydiff",
          lambda compression_ratio=0.0, **kw: BlockPress(press=KeyDiffPress(compression_ratio), block_size=128, **kw),
          "KeyDiff evicting block by block (128 tokens) as in the KeyDiff paper (Park et al. 2025)")
@@ -208,6 +213,7 @@ KVPRESS_NAMES = frozenset({
     "kvzip_plus", "kvzap_linear", "kvzap_mlp", "kvzap_mlp_head", "kvzap_mlp_layer", "lagkv", "knorm",
     "observed_attention", "pyramidkv", "random", "snap_think", "snapkv", "streaming_llm", "think", "tova",
     "no_press", "decoding_knorm", "decoding_streaming_llm", "decoding_tova", "decoding_keydiff",
+    "decoding_adakv_expected_attention_e2", "decoding_adakv_snapkv",
     "compactor", "adakv_compactor", "merging_knorm", "merging_snapkv", "merging_expected_attention",
     "merging_kvzap_mlp",
 })

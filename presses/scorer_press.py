@@ -41,6 +41,10 @@ class ScorerPress(BasePress):
     def scores_for(self, layer: LayerInputs) -> torch.Tensor:
         return self.score(layer.module, layer.hidden_states, layer.keys, layer.values, layer.attentions, layer.kwargs)
 
+    def select(self, scores: torch.Tensor, n_kept_per_head: int, evicted: torch.Tensor) -> torch.Tensor:
+        """Keep the ``n_kept_per_head`` best scores of each head (``DecodingPress`` selects through this)."""
+        return keep_top_scores(scores, n_kept_per_head, evicted)
+
     def n_kept(self, k_len: int, layer_idx: int) -> int:
         """Pairs each head keeps out of ``k_len`` (overridden by presses with per-layer budgets)."""
         return n_kept_pairs(k_len, self.compression_ratio)

@@ -29,7 +29,6 @@ KVPRESS_REGISTRY = {
 NOT_YET = {
     "finch", "kvcompose", "kvcompose_unstructured", "lukv", "RestoreKV", "RestoreKV_plus",
     "cam_streaming_llm", "cam_knorm", "cam_adakv_snapkv", "cam_tova",
-    "decoding_adakv_expected_attention_e2", "decoding_adakv_snapkv",
 }
 
 
