@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from presses.adakv_press import AdaKVPress
 from presses.base_press import BasePress
 from presses.block_press import BlockPress
+from presses.cam_press import CAMPress
 from presses.chunkkv_press import ChunkKVPress
 from presses.compactor_press import CompactorPress
 from presses.composed_press import ComposedPress
@@ -154,6 +155,14 @@ register("decoding_adakv_expected_attention_e2",
          "Expected Attention (epsilon 1e-2) with AdaKV budgets while decoding: every 512 steps, 2048 pairs per head")
 register("decoding_adakv_snapkv", lambda **kw: DecodingPress(base_press=AdaKVPress(SnapKVPress()), **kw),
          "SnapKV with AdaKV budgets while decoding: every 512 steps, 2048 pairs per head on average")
+register("cam_streaming_llm", lambda **kw: CAMPress(base_press=StreamingLLMPress(), **kw),
+         "StreamingLLM while decoding, evicted values merged into the kept tokens after them (CaM, Zhang et al. 2024)")
+register("cam_knorm", lambda **kw: CAMPress(base_press=KnormPress(), **kw),
+         "knorm while decoding, evicted values merged into the kept tokens after them (CaM)")
+register("cam_adakv_snapkv", lambda **kw: CAMPress(base_press=AdaKVPress(SnapKVPress()), **kw),
+         "SnapKV scores while decoding, evicted values merged into the kept tokens after them (CaM)")
+register("cam_tova", lambda **kw: CAMPress(base_press=TOVAPress(), **kw),
+         "TOVA while decoding, evicted values merged into the kept tokens after them (CaM)")
 register("block_keydiff",
          lambda compression_ratio=0.0, **kw: BlockPress(press=KeyDiffPress(compression_ratio), block_size=128, **kw),
          "KeyDiff evicting block by block (128 tokens) as in the KeyDiff paper (Park et al. 2025)")
@@ -214,6 +223,7 @@ KVPRESS_NAMES = frozenset({
     "observed_attention", "pyramidkv", "random", "snap_think", "snapkv", "streaming_llm", "think", "tova",
     "no_press", "decoding_knorm", "decoding_streaming_llm", "decoding_tova", "decoding_keydiff",
     "decoding_adakv_expected_attention_e2", "decoding_adakv_snapkv",
+    "cam_streaming_llm", "cam_knorm", "cam_adakv_snapkv", "cam_tova",
     "compactor", "adakv_compactor", "merging_knorm", "merging_snapkv", "merging_expected_attention",
     "merging_kvzap_mlp",
 })

@@ -124,12 +124,13 @@ def test_key_channel_press_zeroes_more_channels_as_its_knob_grows(name, architec
 @pytest.mark.parametrize("name", NO_KNOB_PRESSES)
 def test_presses_without_knob_run(name, tokenizer, surrogate_root):
     model = cached_model("qwen3")
-    kwargs = {"compression_interval": 4, "target_size": 32} if name.startswith("decoding") else {}
+    decoding = name.startswith(("decoding", "cam_"))
+    kwargs = {"compression_interval": 4, "target_size": 32} if decoding else {}
     press = make_press(name, "qwen3", surrogate_root, **kwargs)
     answers, _ = answer_questions(model, tokenizer, random_ids(64), [random_ids(5, seed=1)], press,
                                   GenerationSettings(max_new_tokens=12))
     assert len(answers[0].token_ids) == 12
-    if name.startswith("decoding"):
+    if decoding:
         # Compressed every 4 steps down to 32 pairs per head; at most 3 steps since the last compression.
         assert all(int(k.max()) <= 32 + 3 for k in kept_per_head(press, model))
         assert press.achieved_compression_ratio > 0.4
