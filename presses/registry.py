@@ -29,6 +29,7 @@ from presses.errors import PressError
 from presses.expected_attention_press import ExpectedAttentionPress
 from presses.keydiff_press import KeyDiffPress
 from presses.knorm_press import KnormPress
+from presses.kvcompose_press import KVComposePress
 from presses.kvzap_press import KVzapPress
 from presses.kvzip_press import KVzipPress
 from presses.lagkv_press import LagKVPress
@@ -163,6 +164,12 @@ register("cam_adakv_snapkv", lambda **kw: CAMPress(base_press=AdaKVPress(SnapKVP
          "SnapKV scores while decoding, evicted values merged into the kept tokens after them (CaM)")
 register("cam_tova", lambda **kw: CAMPress(base_press=TOVAPress(), **kw),
          "TOVA while decoding, evicted values merged into the kept tokens after them (CaM)")
+register("kvcompose", KVComposePress,
+         "re-reads the context; budgets per layer from composite attention curves (Akulov et al. 2025)")
+register("kvcompose_unstructured", lambda compression_ratio=0.0, **kw: KVComposePress(structured=False,
+                                                                                     compression_ratio=compression_ratio,
+                                                                                     **kw),
+         "KVCompose with a budget per (layer, head)")
 register("block_keydiff",
          lambda compression_ratio=0.0, **kw: BlockPress(press=KeyDiffPress(compression_ratio), block_size=128, **kw),
          "KeyDiff evicting block by block (128 tokens) as in the KeyDiff paper (Park et al. 2025)")
@@ -223,7 +230,7 @@ KVPRESS_NAMES = frozenset({
     "observed_attention", "pyramidkv", "random", "snap_think", "snapkv", "streaming_llm", "think", "tova",
     "no_press", "decoding_knorm", "decoding_streaming_llm", "decoding_tova", "decoding_keydiff",
     "decoding_adakv_expected_attention_e2", "decoding_adakv_snapkv",
-    "cam_streaming_llm", "cam_knorm", "cam_adakv_snapkv", "cam_tova",
+    "cam_streaming_llm", "cam_knorm", "cam_adakv_snapkv", "cam_tova", "kvcompose", "kvcompose_unstructured",
     "compactor", "adakv_compactor", "merging_knorm", "merging_snapkv", "merging_expected_attention",
     "merging_kvzap_mlp",
 })

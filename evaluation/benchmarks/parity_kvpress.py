@@ -62,6 +62,8 @@ KVPRESS_CONSTRUCTORS = {
     "leverage": "LeverageScorePress(r)",
     "compactor": "CompactorPress(r)",
     "adakv_compactor": "AdaKVPress(CompactorPress(r))",
+    "kvcompose": "KVComposePress(compression_ratio=r)",
+    "kvcompose_unstructured": "KVComposePress(structured=False, compression_ratio=r)",
     "merging_knorm": "MergingPress(KnormPress(r))",
     "merging_snapkv": "MergingPress(SnapKVPress(r))",
     "merging_expected_attention": "MergingPress(ExpectedAttentionPress(r, epsilon=1e-2))",
@@ -183,7 +185,7 @@ def kvpress_side(folder: Path, names: list[str]) -> dict:
                     masked = getattr(model.model.layers[layer].self_attn, "masked_key_indices", None)
                     heads = []
                     for head in range(full.shape[0]):
-                        if keys.shape[1] == full.shape[1]:  # masking press: every row is still there
+                        if masked is not None or keys.shape[1] == full.shape[1]:  # masking press or no eviction
                             removed = set()
                             if masked is not None:
                                 _, head_idx, seq_idx = masked
