@@ -130,3 +130,78 @@ def test_cam_adds_merged_values_to_kept_tokens_only():
     assert torch.equal(evicted[0], evicted[1]) and int((~press.evicted_mask(1)[0, 0]).sum()) == 32
     changed = (cache.layers[1].values[0, :, :64] != reference.layers[1].values[0]).any(-1)
     assert changed.any() and not (changed & evicted).any()
+
+
+def test_key_rerotation_places_kept_keys_contiguously_before_the_question():
+    """A kept key must equal the pre-RoPE key rotated to position k_len - n + rank, as kvpress's distances say."""
+    from conftest import make_model, random_ids
+    from transformers import DynamicCache
+
+    from presses import KeyRerotationPress, KnormPress
+    from presses.compat import hidden_states_from, model_cache_kwarg
+    from presses.leverage_press import prerope_key_states
+
+    model = make_model("llama", "sdpa")
+    attention = model.model.layers[0].self_attn
+    seen = {}
+    def capture(module, args, kwargs) -> None:
+        seen.setdefault("hidden", hidden_states_from(args, kwargs))
+
+    handle = attention.register_forward_pre_hook(capture, with_kwargs=True)
+    press = KeyRerotationPress(KnormPress(compression_ratio=0.5))
+    cache = DynamicCache(config=model.config)
+    try:
+        with press(model), torch.no_grad():
+            model(input_ids=random_ids(40), **{model_cache_kwarg(): cache})
+    finally:
+        handle.remove()
+    assert press.rewrites_cache
+    kept = torch.nonzero(~press.evicted_mask(0)[0, 0]).flatten()  # ascending, 20 of 40
+    with torch.no_grad():
+        pre = prerope_key_states(attention, seen["hidden"])[0, 0]  # (40, head_dim)
+        positions = torch.arange(20, 40)[None]
+        cos, sin = model.model.rotary_emb(pre, positions)
+        half = pre.shape[-1] // 2
+        moved = pre[kept] * cos[0] + torch.cat([-pre[kept][:, half:], pre[kept][:, :half]], dim=-1) * sin[0]
+    torch.testing.assert_close(cache.layers[0].keys[0, 0, kept], moved, atol=1e-5, rtol=1e-5)
+
+
+def _prefill(press, n_tokens: int = 200, architecture: str = "qwen3"):
+    from conftest import make_model, random_ids
+
+    model = make_model(architecture, "sdpa")
+    with press(model), torch.no_grad():
+        model(random_ids(n_tokens))
+    return model, [~press.evicted_mask(i) for i in range(model.config.num_hidden_layers)]
+
+
+def test_chunk_press_keeps_its_share_of_every_chunk():
+    from presses import ChunkPress, KnormPress
+
+    _, kept = _prefill(ChunkPress(KnormPress(compression_ratio=0.5), chunk_length=50))
+    for mask in kept:
+        assert (mask.view(*mask.shape[:2], 4, 50).sum(-1) == 25).all()
+
+
+def test_per_layer_compression_gives_each_layer_its_ratio():
+    from presses import KnormPress, PerLayerCompressionPress
+    from presses.base_press import n_kept_pairs
+    from presses.errors import PressError
+
+    ratios = [0.25, 0.75, 0.5, 0.1]
+    model, kept = _prefill(PerLayerCompressionPress(KnormPress(), compression_ratios=ratios))
+    for layer, mask in enumerate(kept):
+        assert (mask.sum(-1) == n_kept_pairs(200, ratios[layer])).all()
+    with pytest.raises(PressError, match="no ratio for layer"):
+        _prefill(PerLayerCompressionPress(KnormPress(), compression_ratios=[0.5]))
+
+
+def test_simlayerkv_lazy_layers_keep_sinks_and_recent_tokens_only():
+    from presses import SimLayerKVPress
+
+    _, kept = _prefill(SimLayerKVPress(lazy_threshold=0.0, n_recent=20))  # every layer is lazy at threshold 0
+    expected = torch.zeros(200, dtype=torch.bool)
+    expected[:4] = expected[-19:] = True
+    assert all(torch.equal(mask[0, head], expected) for mask in kept for head in range(mask.shape[1]))
+    _, kept = _prefill(SimLayerKVPress(lazy_threshold=1.0, n_recent=20))
+    assert all(mask.all() for mask in kept)
