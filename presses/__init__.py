@@ -17,6 +17,7 @@ from presses.chunk_press import ChunkPress
 from presses.chunkkv_press import ChunkKVPress
 from presses.compactor_press import CompactorPress
 from presses.composed_press import ComposedPress
+from presses.compression_ratio_decoding_press import CompressionRatioDecodingPress
 from presses.criticalkv_press import CriticalAdaKVPress, CriticalKVPress
 from presses.cur_press import CURPress
 from presses.decoding_press import DecodingPress
@@ -53,7 +54,7 @@ register_pipeline()
 
 __all__ = [
     "AdaKVPress", "Answer", "BasePress", "BlockPress", "CAMPress", "CURPress", "ChunkKVPress", "ChunkPress",
-    "CompactorPress", "ComposedPress", "CriticalAdaKVPress", "CriticalKVPress", "DMSPress", "DecodingPress",
+    "CompactorPress", "CompressionRatioDecodingPress", "ComposedPress", "CriticalAdaKVPress", "CriticalKVPress", "DMSPress", "DecodingPress",
     "ExpectedAttentionPress", "GenerationSettings", "KVComposePress", "KVPressTextGenerationPipeline", "KVzapConfig",
     "KVzapModel", "KVzapPress", "KVzipPress", "KeyDiffPress", "KeyRerotationPress", "KnormPress", "LagKVPress",
     "LayerInputs", "LeverageScorePress", "MergingPress", "NoPress", "NonCausalAttnPress", "ObservedAttentionPress",

@@ -45,6 +45,10 @@ class DecodingPress(BasePress):
     def post_init_from_model(self, model: nn.Module, tokenizer=None) -> None:
         self.base_press.post_init_from_model(model, tokenizer)
 
+    def resolve_target_size(self, k_len: int) -> int:
+        """Pairs per head to keep when compressing a cache of ``k_len`` positions (tokens seen so far)."""
+        return self.target_size
+
     def compress(self, layer: LayerInputs) -> torch.Tensor:
         if layer.is_prefill:
             return layer.evicted
@@ -56,14 +60,15 @@ class DecodingPress(BasePress):
         steps = int(state.get("steps", torch.tensor(0))) + 1
         evicted = layer.evicted
         kept = int((~evicted).sum(-1).max())
-        if steps >= self.compression_interval and kept > self.target_size:
+        target_size = self.resolve_target_size(layer.k_len)
+        if steps >= self.compression_interval and kept > target_size:
             kwargs = {**layer.kwargs, "position_embeddings": (buffered["cos"], buffered["sin"])}
             scores = self.base_press.score(
                 layer.module, buffered["hidden"], layer.keys, layer.values, None, kwargs
             )
             if scores.shape[-1] != layer.k_len:
                 raise PressError(f"{type(self.base_press).__name__} cannot score a whole cache while decoding")
-            evicted = self.base_press.select(scores, self.target_size, evicted)
+            evicted = self.base_press.select(scores, target_size, evicted)
         if steps >= self.compression_interval:
             steps = 0
         keep = self.hidden_states_buffer_size

@@ -205,3 +205,22 @@ def test_simlayerkv_lazy_layers_keep_sinks_and_recent_tokens_only():
     assert all(torch.equal(mask[0, head], expected) for mask in kept for head in range(mask.shape[1]))
     _, kept = _prefill(SimLayerKVPress(lazy_threshold=1.0, n_recent=20))
     assert all(mask.all() for mask in kept)
+
+
+def test_compression_ratio_decoding_keeps_a_share_of_every_token_seen():
+    from conftest import make_model, random_ids
+    from transformers import DynamicCache
+
+    from presses import KnormPress
+    from presses.compat import model_cache_kwarg
+    from presses.compression_ratio_decoding_press import CompressionRatioDecodingPress
+
+    model = make_model("qwen3", "sdpa")
+    press = CompressionRatioDecodingPress(base_press=KnormPress(), compression_interval=4,
+                                          target_compression_ratio=0.75)
+    cache = DynamicCache(config=model.config)
+    with press(model), torch.no_grad():
+        model(input_ids=random_ids(60), **{model_cache_kwarg(): cache})
+        for step in range(4):
+            model(input_ids=random_ids(1, seed=step), **{model_cache_kwarg(): cache})
+    assert all(((~press.evicted_mask(i)).sum(-1) == 16).all() for i in range(2))  # int(64 * 0.25)

@@ -8,8 +8,9 @@ under the side environment's python (kvpress 0.5.5, transformers < 5.3; see the 
 transformers and kvpress and writes kvpress's kept sets. kvpress is a measuring tool here, never a dependency.
 
 How kept sets are read: ours from the eviction masks; kvpress's from ``module.masked_key_indices`` for its masking
-presses (AdaKV family) and otherwise by finding each kept key row among the keys of an uncompressed prefill (kvpress
-gathers rows, so they are bitwise equal; RoPE makes every row distinct). ThinK keeps sequence pairs; its "kept set"
+presses (AdaKV family) and otherwise by finding each kept key row's nearest row among the keys of an uncompressed
+prefill (kvpress gathers rows, so they are equal up to the rounding of a different attention kernel; RoPE makes
+every row distinct). ThinK keeps sequence pairs; its "kept set"
 is the set of key channels it did not zero.
 
 Cases: Llama and Qwen3 (4 layers, 4 query and 2 KV heads, head_dim 16), an odd context of 301 tokens, ratios
@@ -192,8 +193,10 @@ def kvpress_side(folder: Path, names: list[str]) -> dict:
                                 removed = set(seq_idx[head_idx == head].tolist())
                             heads.append(sorted(set(range(full.shape[1])) - removed))
                         else:
-                            same = (keys[head][:, None, :] == full[head][None, :, :]).all(dim=-1)
-                            heads.append(sorted(torch.nonzero(same)[:, 1].tolist()))
+                            # Nearest row, not equal rows: a press that prefills with eager attention
+                            # (KVCompose) gets keys that differ from the sdpa reference by rounding after layer 0.
+                            distances = torch.cdist(keys[head].float(), full[head].float())
+                            heads.append(sorted(distances.argmin(dim=-1).tolist()))
                     kept.append(heads)
                 results[_key(name, architecture, dtype, ratio)] = kept
     return results
