@@ -54,11 +54,12 @@ register_pipeline()
 
 __all__ = [
     "AdaKVPress", "Answer", "BasePress", "BlockPress", "CAMPress", "CURPress", "ChunkKVPress", "ChunkPress",
-    "CompactorPress", "CompressionRatioDecodingPress", "ComposedPress", "CriticalAdaKVPress", "CriticalKVPress", "DMSPress", "DecodingPress",
-    "ExpectedAttentionPress", "GenerationSettings", "KVComposePress", "KVPressTextGenerationPipeline", "KVzapConfig",
-    "KVzapModel", "KVzapPress", "KVzipPress", "KeyDiffPress", "KeyRerotationPress", "KnormPress", "LagKVPress",
-    "LayerInputs", "LeverageScorePress", "MergingPress", "NoPress", "NonCausalAttnPress", "ObservedAttentionPress",
-    "PRESSES", "PerLayerCompressionPress", "PrefillDecodingPress", "PressError", "PyramidKVPress", "RandomPress",
-    "ScorerPress", "SimLayerKVPress", "SnapKVPress", "StreamingLLMPress", "TOVAPress", "ThinKPress", "ThresholdPress",
-    "answer_questions", "build_press", "decode", "encode_prompt", "get_spec", "press_names",
+    "CompactorPress", "ComposedPress", "CompressionRatioDecodingPress", "CriticalAdaKVPress", "CriticalKVPress",
+    "DMSPress", "DecodingPress", "ExpectedAttentionPress", "GenerationSettings", "KVComposePress",
+    "KVPressTextGenerationPipeline", "KVzapConfig", "KVzapModel", "KVzapPress", "KVzipPress", "KeyDiffPress",
+    "KeyRerotationPress", "KnormPress", "LagKVPress", "LayerInputs", "LeverageScorePress", "MergingPress", "NoPress",
+    "NonCausalAttnPress", "ObservedAttentionPress", "PRESSES", "PerLayerCompressionPress", "PrefillDecodingPress",
+    "PressError", "PyramidKVPress", "RandomPress", "ScorerPress", "SimLayerKVPress", "SnapKVPress",
+    "StreamingLLMPress", "TOVAPress", "ThinKPress", "ThresholdPress", "answer_questions", "build_press", "decode",
+    "encode_prompt", "get_spec", "press_names",
 ]
