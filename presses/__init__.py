@@ -13,6 +13,7 @@ from presses.adakv_press import AdaKVPress
 from presses.base_press import BasePress, LayerInputs
 from presses.block_press import BlockPress
 from presses.cam_press import CAMPress
+from presses.cap_press import CapPress
 from presses.chunk_press import ChunkPress
 from presses.chunkkv_press import ChunkKVPress
 from presses.compactor_press import CompactorPress
@@ -53,7 +54,7 @@ from presses.tova_press import TOVAPress
 register_pipeline()
 
 __all__ = [
-    "AdaKVPress", "Answer", "BasePress", "BlockPress", "CAMPress", "CURPress", "ChunkKVPress", "ChunkPress",
+    "AdaKVPress", "Answer", "BasePress", "BlockPress", "CAMPress", "CapPress", "CURPress", "ChunkKVPress", "ChunkPress",
     "CompactorPress", "ComposedPress", "CompressionRatioDecodingPress", "CriticalAdaKVPress", "CriticalKVPress",
     "DMSPress", "DecodingPress", "ExpectedAttentionPress", "GenerationSettings", "KVComposePress",
     "KVPressTextGenerationPipeline", "KVzapConfig", "KVzapModel", "KVzapPress", "KVzipPress", "KeyDiffPress",

@@ -18,6 +18,7 @@ from presses.adakv_press import AdaKVPress
 from presses.base_press import BasePress
 from presses.block_press import BlockPress
 from presses.cam_press import CAMPress
+from presses.cap_press import CapPress
 from presses.chunkkv_press import ChunkKVPress
 from presses.compactor_press import CompactorPress
 from presses.composed_press import ComposedPress
@@ -200,6 +201,7 @@ register("compactor", CompactorPress,
          "key leverage blended with non-causal chunked attention, query-agnostic (Chari & Van Durme 2025)")
 register("adakv_compactor", lambda compression_ratio=0.0, **kw: AdaKVPress(CompactorPress(compression_ratio), **kw),
          "Compactor scores with AdaKV head-wise budgets")
+register("cap", CapPress, "value capacity weighted by alignment with past queries (CAPKV, arXiv 2604.25975)")
 register("leverage", LeverageScorePress, "approximate leverage of the pre-RoPE keys, Compactor's first half")
 register("non_causal_attention", NonCausalAttnPress,
          "attention received within non-causal chunks times |v|, Compactor's second half")

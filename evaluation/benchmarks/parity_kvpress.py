@@ -58,6 +58,7 @@ KVPRESS_CONSTRUCTORS = {
     "critical_adakv_snapkv": "CriticalAdaKVPress(SnapKVPress(r))",
     "critical_adakv_expected_attention": "CriticalAdaKVPress(ExpectedAttentionPress(r, use_vnorm=False))",
     "cur": "CURPress(r)",
+    "cap": "CapPress(r)",
     "think": "ThinKPress(key_channel_compression_ratio=r)",
     "non_causal_attention": "NonCausalAttnPress(r)",
     "leverage": "LeverageScorePress(r)",
