@@ -34,6 +34,7 @@ from presses.kvzap_press import KVzapConfig, KVzapModel, KVzapPress
 from presses.kvzip_press import KVzipPress
 from presses.lagkv_press import LagKVPress
 from presses.leverage_press import LeverageScorePress
+from presses.lukv_press import LUKVPress
 from presses.merging_press import MergingPress
 from presses.no_press import NoPress
 from presses.non_causal_attention_press import NonCausalAttnPress
@@ -54,13 +55,13 @@ from presses.tova_press import TOVAPress
 register_pipeline()
 
 __all__ = [
-    "AdaKVPress", "Answer", "BasePress", "BlockPress", "CAMPress", "CapPress", "CURPress", "ChunkKVPress", "ChunkPress",
-    "CompactorPress", "ComposedPress", "CompressionRatioDecodingPress", "CriticalAdaKVPress", "CriticalKVPress",
-    "DMSPress", "DecodingPress", "ExpectedAttentionPress", "GenerationSettings", "KVComposePress",
+    "AdaKVPress", "Answer", "BasePress", "BlockPress", "CAMPress", "CURPress", "CapPress", "ChunkKVPress",
+    "ChunkPress", "CompactorPress", "ComposedPress", "CompressionRatioDecodingPress", "CriticalAdaKVPress",
+    "CriticalKVPress", "DMSPress", "DecodingPress", "ExpectedAttentionPress", "GenerationSettings", "KVComposePress",
     "KVPressTextGenerationPipeline", "KVzapConfig", "KVzapModel", "KVzapPress", "KVzipPress", "KeyDiffPress",
-    "KeyRerotationPress", "KnormPress", "LagKVPress", "LayerInputs", "LeverageScorePress", "MergingPress", "NoPress",
-    "NonCausalAttnPress", "ObservedAttentionPress", "PRESSES", "PerLayerCompressionPress", "PrefillDecodingPress",
-    "PressError", "PyramidKVPress", "RandomPress", "ScorerPress", "SimLayerKVPress", "SnapKVPress",
-    "StreamingLLMPress", "TOVAPress", "ThinKPress", "ThresholdPress", "answer_questions", "build_press", "decode",
-    "encode_prompt", "get_spec", "press_names",
+    "KeyRerotationPress", "KnormPress", "LUKVPress", "LagKVPress", "LayerInputs", "LeverageScorePress",
+    "MergingPress", "NoPress", "NonCausalAttnPress", "ObservedAttentionPress", "PRESSES", "PerLayerCompressionPress",
+    "PrefillDecodingPress", "PressError", "PyramidKVPress", "RandomPress", "ScorerPress", "SimLayerKVPress",
+    "SnapKVPress", "StreamingLLMPress", "TOVAPress", "ThinKPress", "ThresholdPress", "answer_questions",
+    "build_press", "decode", "encode_prompt", "get_spec", "press_names",
 ]

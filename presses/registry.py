@@ -35,6 +35,7 @@ from presses.kvzap_press import KVzapPress
 from presses.kvzip_press import KVzipPress
 from presses.lagkv_press import LagKVPress
 from presses.leverage_press import LeverageScorePress
+from presses.lukv_press import LUKVPress
 from presses.merging_press import MergingPress
 from presses.no_press import NoPress
 from presses.non_causal_attention_press import NonCausalAttnPress
@@ -201,6 +202,9 @@ register("compactor", CompactorPress,
          "key leverage blended with non-causal chunked attention, query-agnostic (Chari & Van Durme 2025)")
 register("adakv_compactor", lambda compression_ratio=0.0, **kw: AdaKVPress(CompactorPress(compression_ratio), **kw),
          "Compactor scores with AdaKV head-wise budgets")
+register("lukv", lambda compression_ratio=0.0, **kw: LUKVPress(ExpectedAttentionPress(epsilon=2e-2),
+                                                              compression_ratio, sink=4, window=1, **kw),
+         "Expected Attention with per-head budgets from a LU-KV curve (needs the model's budget curve .npy)")
 register("cap", CapPress, "value capacity weighted by alignment with past queries (CAPKV, arXiv 2604.25975)")
 register("leverage", LeverageScorePress, "approximate leverage of the pre-RoPE keys, Compactor's first half")
 register("non_causal_attention", NonCausalAttnPress,
@@ -233,6 +237,7 @@ KVPRESS_NAMES = frozenset({
     "no_press", "decoding_knorm", "decoding_streaming_llm", "decoding_tova", "decoding_keydiff",
     "decoding_adakv_expected_attention_e2", "decoding_adakv_snapkv",
     "cam_streaming_llm", "cam_knorm", "cam_adakv_snapkv", "cam_tova", "kvcompose", "kvcompose_unstructured",
+    "lukv",
     "compactor", "adakv_compactor", "merging_knorm", "merging_snapkv", "merging_expected_attention",
     "merging_kvzap_mlp",
 })

@@ -54,8 +54,25 @@ def surrogate_root(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("surrogates"))
 
 
+@functools.cache
+def budget_curve(architecture: str, root: str) -> str:
+    """A LU-KV curve for the tiny model: per ratio, per-head prune ratios spread around the ratio."""
+    import numpy as np
+
+    config = cached_model(architecture).config
+    rng = np.random.default_rng(0)
+    spread = rng.uniform(-0.1, 0.1, (99, config.num_hidden_layers, config.num_key_value_heads))
+    spread -= spread.mean(axis=-1, keepdims=True)
+    curve = (np.arange(1, 100) / 100)[:, None, None] + spread
+    path = f"{root}/lukv-{architecture}.npy"
+    np.save(path, np.clip(curve, 0, 0.995))
+    return path
+
+
 def make_press(name: str, architecture: str, root: str, **knob):
     extra = {}
+    if name == "lukv":
+        extra["budget_curve"] = budget_curve(architecture, root)
     if "kvzap" in name:
         extra["checkpoint"] = surrogate_dir(architecture, "linear" if name == "kvzap_linear" else "mlp", root)
     return build_press(name, **knob, **extra)
