@@ -59,6 +59,7 @@ KVPRESS_CONSTRUCTORS = {
     "critical_adakv_expected_attention": "CriticalAdaKVPress(ExpectedAttentionPress(r, use_vnorm=False))",
     "cur": "CURPress(r)",
     "cap": "CapPress(r)",
+    "lukv": "with_curve(LUKVPress(ExpectedAttentionPress(epsilon=2e-2), compression_ratio=r, sink=4, window=1))",
     "think": "ThinKPress(key_channel_compression_ratio=r)",
     "non_causal_attention": "NonCausalAttnPress(r)",
     "leverage": "LeverageScorePress(r)",
@@ -89,6 +90,11 @@ def write_inputs(folder: Path) -> None:
     for i, architecture in enumerate(ARCHITECTURES):
         torch.manual_seed(i)
         AutoModelForCausalLM.from_config(tiny_config(architecture)).save_pretrained(folder / architecture)
+        # A LU-KV budget curve (per ratio, per-head prune ratios spread around the ratio) for the lukv press.
+        config = tiny_config(architecture)
+        spread = torch.rand(99, config.num_hidden_layers, config.num_key_value_heads) * 0.2 - 0.1
+        curve = torch.arange(1, 100)[:, None, None] / 100 + spread - spread.mean(dim=-1, keepdim=True)
+        (folder / f"lukv-{architecture}.json").write_text(json.dumps(curve.clamp(0, 0.995).tolist()))
     generator = torch.Generator().manual_seed(7)
     ids = torch.randint(0, 256, (1, CONTEXT_LENGTH), generator=generator)
     (folder / "ids.json").write_text(json.dumps(ids[0].tolist()))
@@ -103,6 +109,17 @@ def load(folder: Path, architecture: str, dtype: str, eager: bool):
     model = AutoModelForCausalLM.from_pretrained(folder / architecture, dtype=getattr(torch, dtype),
                                                  attn_implementation="eager" if eager else "sdpa")
     return model.eval()
+
+
+def curve_npy(folder: Path, architecture: str) -> Path:
+    """The shared LU-KV curve as the .npy our LUKVPress reads (kvpress's side gets the same numbers)."""
+    import numpy as np
+
+    path = folder / f"lukv-{architecture}.npy"
+    if not path.exists():
+        curve = json.loads((folder / f"lukv-{architecture}.json").read_text())
+        np.save(path, np.array(curve, dtype=np.float32))
+    return path
 
 
 def cases():
@@ -140,7 +157,8 @@ def our_side(folder: Path, names: list[str]) -> dict:
                 if (name in EAGER) != eager:
                     continue
                 knob = "key_channel_compression_ratio" if name == "think" else "compression_ratio"
-                press = build_press(name, **{knob: ratio})
+                extra = {"budget_curve": str(curve_npy(folder, architecture))} if name == "lukv" else {}
+                press = build_press(name, **{knob: ratio}, **extra)
                 cache = DynamicCache(config=model.config)
                 torch.manual_seed(SEED)
                 with press(model), torch.no_grad():
@@ -173,7 +191,15 @@ def kvpress_side(folder: Path, names: list[str]) -> dict:
             for name in names:
                 if (name in EAGER) != eager:
                     continue
-                press = eval(KVPRESS_CONSTRUCTORS[name], dict(namespace, r=ratio))  # noqa: S307 (our own table)
+                curve = json.loads((folder / f"lukv-{architecture}.json").read_text())
+
+                def with_curve(press, curve=curve):
+                    import numpy as np
+
+                    press._budget_curves = np.array(curve, dtype=np.float32)  # kvpress would download its own
+                    return press
+
+                press = eval(KVPRESS_CONSTRUCTORS[name], dict(namespace, r=ratio, with_curve=with_curve))  # noqa: S307
                 cache = DynamicCache()
                 torch.manual_seed(SEED)
                 with press(model), torch.no_grad():
