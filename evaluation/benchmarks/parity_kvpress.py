@@ -152,10 +152,10 @@ def our_side(folder: Path, names: list[str]) -> dict:
     results = {}
     for architecture, dtype, ratio in cases():
         for eager in (False, True):
-            model = load(folder, architecture, dtype, eager)
             for name in names:
                 if (name in EAGER) != eager:
                     continue
+                model = load(folder, architecture, dtype, eager)  # fresh per press: no state leaks between them
                 knob = "key_channel_compression_ratio" if name == "think" else "compression_ratio"
                 extra = {"budget_curve": str(curve_npy(folder, architecture))} if name == "lukv" else {}
                 press = build_press(name, **{knob: ratio}, **extra)
@@ -183,14 +183,15 @@ def kvpress_side(folder: Path, names: list[str]) -> dict:
     results = {}
     for architecture, dtype, ratio in cases():
         for eager in (False, True):
-            model = load(folder, architecture, dtype, eager)
-            n_layers = model.config.num_hidden_layers
-            reference = DynamicCache()
-            with torch.no_grad():
-                model(input_ids=ids, past_key_values=reference)
             for name in names:
                 if (name in EAGER) != eager:
                     continue
+                # A fresh model per press: kvpress presses leave attributes on modules (masked_key_indices, ...).
+                model = load(folder, architecture, dtype, eager)
+                n_layers = model.config.num_hidden_layers
+                reference = DynamicCache()
+                with torch.no_grad():
+                    model(input_ids=ids, past_key_values=reference)
                 curve = json.loads((folder / f"lukv-{architecture}.json").read_text())
 
                 def with_curve(press, curve=curve):
