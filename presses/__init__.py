@@ -25,6 +25,7 @@ from presses.decoding_press import DecodingPress
 from presses.dms_press import DMSPress, ThresholdPress
 from presses.errors import PressError
 from presses.expected_attention_press import ExpectedAttentionPress
+from presses.expected_attention_stats_press import ExpectedAttentionStatsPress
 from presses.generation import Answer, GenerationSettings, answer_questions, decode
 from presses.key_rerotation_press import KeyRerotationPress
 from presses.keydiff_press import KeyDiffPress
@@ -57,11 +58,11 @@ register_pipeline()
 __all__ = [
     "AdaKVPress", "Answer", "BasePress", "BlockPress", "CAMPress", "CURPress", "CapPress", "ChunkKVPress",
     "ChunkPress", "CompactorPress", "ComposedPress", "CompressionRatioDecodingPress", "CriticalAdaKVPress",
-    "CriticalKVPress", "DMSPress", "DecodingPress", "ExpectedAttentionPress", "GenerationSettings", "KVComposePress",
-    "KVPressTextGenerationPipeline", "KVzapConfig", "KVzapModel", "KVzapPress", "KVzipPress", "KeyDiffPress",
-    "KeyRerotationPress", "KnormPress", "LUKVPress", "LagKVPress", "LayerInputs", "LeverageScorePress",
-    "MergingPress", "NoPress", "NonCausalAttnPress", "ObservedAttentionPress", "PRESSES", "PerLayerCompressionPress",
-    "PrefillDecodingPress", "PressError", "PyramidKVPress", "RandomPress", "ScorerPress", "SimLayerKVPress",
-    "SnapKVPress", "StreamingLLMPress", "TOVAPress", "ThinKPress", "ThresholdPress", "answer_questions",
-    "build_press", "decode", "encode_prompt", "get_spec", "press_names",
+    "CriticalKVPress", "DMSPress", "DecodingPress", "ExpectedAttentionPress", "ExpectedAttentionStatsPress",
+    "GenerationSettings", "KVComposePress", "KVPressTextGenerationPipeline", "KVzapConfig", "KVzapModel",
+    "KVzapPress", "KVzipPress", "KeyDiffPress", "KeyRerotationPress", "KnormPress", "LUKVPress", "LagKVPress",
+    "LayerInputs", "LeverageScorePress", "MergingPress", "NoPress", "NonCausalAttnPress", "ObservedAttentionPress",
+    "PRESSES", "PerLayerCompressionPress", "PrefillDecodingPress", "PressError", "PyramidKVPress", "RandomPress",
+    "ScorerPress", "SimLayerKVPress", "SnapKVPress", "StreamingLLMPress", "TOVAPress", "ThinKPress", "ThresholdPress",
+    "answer_questions", "build_press", "decode", "encode_prompt", "get_spec", "press_names",
 ]

@@ -234,3 +234,26 @@ def test_lukv_without_a_budget_curve_is_a_one_line_error_naming_the_fix():
     with pytest.raises(PressError, match="needs a budget curve: pass budget_curve=PATH"):
         with build_press("lukv", compression_ratio=0.5)(make_model("qwen3", "sdpa")):
             pass
+
+
+def test_expected_attention_stats_from_the_context_itself_equal_expected_attention(tmp_path):
+    """Statistics measured on the very context (unbiased covariance aside) give Expected Attention's choice."""
+    from conftest import make_model, random_ids
+
+    from presses import ExpectedAttentionPress
+    from presses.errors import PressError
+    from presses.expected_attention_stats_press import ExpectedAttentionStatsPress, save_query_statistics
+
+    model = make_model("llama", "sdpa")
+    ids = random_ids(120)
+    save_query_statistics(model, [ids], tmp_path)
+    kept = {}
+    for press in (ExpectedAttentionPress(compression_ratio=0.5, use_covariance=False),
+                  ExpectedAttentionStatsPress(compression_ratio=0.5, use_covariance=False, stats_folder=str(tmp_path))):
+        with press(model), torch.no_grad():
+            model(ids)
+        kept[type(press).__name__] = [press.evicted_mask(i) for i in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*kept.values(), strict=True))
+    with pytest.raises(PressError, match="needs query statistics"):
+        with ExpectedAttentionStatsPress(compression_ratio=0.5)(model):
+            pass
