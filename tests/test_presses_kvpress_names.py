@@ -257,3 +257,20 @@ def test_expected_attention_stats_from_the_context_itself_equal_expected_attenti
     with pytest.raises(PressError, match="needs query statistics"):
         with ExpectedAttentionStatsPress(compression_ratio=0.5)(model):
             pass
+
+
+@pytest.mark.parametrize("press, settings, knob, value", [
+    ("think", {"compression_ratio": 0.0, "key_channel_compression_ratio": 0.25}, "key_channel_compression_ratio", 0.25),
+    ("expected_attention", {"compression_ratio": 0.5, "key_channel_compression_ratio": None}, "compression_ratio",
+     0.5),
+    ("critical_adakv_snapkv", {"compression_ratio": 0.75}, "compression_ratio", 0.75),
+])
+def test_kvpress_run_folders_are_read_by_their_registry_name(tmp_path, press, settings, knob, value):
+    import yaml
+
+    from evaluation.kvpress_format import load_kvpress_run
+
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"dataset": "ruler", "press_name": press, **settings}))
+    (tmp_path / "predictions.csv").write_text("predicted_answer,answer,task\nx,['x'],niah_single_1\n")
+    run = load_kvpress_run(tmp_path)
+    assert (run.press, run.knob, run.value) == (press, knob, value)
