@@ -274,3 +274,34 @@ def test_kvpress_run_folders_are_read_by_their_registry_name(tmp_path, press, se
     (tmp_path / "predictions.csv").write_text("predicted_answer,answer,task\nx,['x'],niah_single_1\n")
     run = load_kvpress_run(tmp_path)
     assert (run.press, run.knob, run.value) == (press, knob, value)
+
+
+NEW_NAMES = sorted((KVPRESS_NAMES | {"expected_attention_plain", "simlayerkv", "leverage", "non_causal_attention",
+                                     "cap"}) - {"no_press", "random", "knorm", "snapkv", "streaming_llm", "tova",
+                                                "observed_attention", "pyramidkv", "keydiff", "lagkv", "kvzip",
+                                                "kvzip_plus", "kvzap_linear", "kvzap_mlp", "kvzap_mlp_head",
+                                                "kvzap_mlp_layer", "adakv_snapkv", "decoding_knorm",
+                                                "decoding_streaming_llm"})
+
+
+@pytest.mark.parametrize("name", NEW_NAMES)
+def test_new_presses_run_in_bfloat16_and_repeat_exactly_with_a_seed(name, tmp_path_factory):
+    from conftest import make_model, random_ids
+    from test_presses import make_press
+
+    model = make_model("qwen3", "sdpa", dtype=torch.bfloat16)
+    spec = PRESSES[name]
+    knob = {spec.knob: 0.5} if spec.knob else {"compression_interval": 2, "target_size": 16}
+    if name == "simlayerkv":
+        knob = {"lazy_threshold": 0.0, "n_recent": 8}
+    root = str(tmp_path_factory.getbasetemp())
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        press = make_press(name, "qwen3", root, **knob)
+        with press(model):
+            out = model.generate(random_ids(40), max_new_tokens=4, do_sample=False)
+        runs.append((out, [press.evicted_mask(i).clone() for i in range(2)]))
+        assert press.achieved_compression_ratio > 0, name
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1], strict=True))
