@@ -40,6 +40,7 @@ def smoke(context_length: int = 512, compression_ratio: float = 0.5, threshold: 
     """Apply every press to a tiny random Qwen3 model (no download) and report achieved compression and time."""
     import tempfile
 
+    import numpy as np
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
     from transformers.utils import logging as transformers_logging
@@ -63,10 +64,14 @@ def smoke(context_length: int = 512, compression_ratio: float = 0.5, threshold: 
         for name, spec in sorted(PRESSES.items()):
             if name.startswith("kvzip"):
                 continue  # needs a tokenizer for its repeat prompt; covered by the tests
-            knob = {"compression_ratio": compression_ratio, "threshold": threshold}.get(spec.knob)
+            knob = threshold if spec.knob == "threshold" else compression_ratio
             kwargs = {spec.knob: knob} if spec.knob else {}
-            if name.startswith("kvzap"):
+            if "kvzap" in name:
                 kwargs["checkpoint"] = f"{surrogate_dir}/{'linear' if name == 'kvzap_linear' else 'mlp'}"
+            if name == "lukv":  # a flat LU-KV budget curve: every head at the requested ratio
+                curve = torch.arange(1, 100, dtype=torch.float32)[:, None, None] / 100
+                np.save(f"{surrogate_dir}/lukv.npy", curve.expand(99, 2, 2).numpy())
+                kwargs["budget_curve"] = f"{surrogate_dir}/lukv.npy"
             start = time.perf_counter()
             press = build_press(name, **kwargs)
             _, ratio = answer_questions(model, None, context, [question], press, GenerationSettings(max_new_tokens=8))

@@ -16,6 +16,7 @@ import yaml
 
 from evaluation.cache import CONFIG_FILE, METRICS_FILE, write_json_atomically
 from evaluation.config import ConfigError
+from presses.registry import KNOBS
 
 DEFAULT_TOLERANCE = 5.0  # points; see the README's "Regression sweeps" for the measured run-to-run noise
 BASELINE_FORMAT = "kvpress-eval-baseline-1"
@@ -43,7 +44,7 @@ def run_cells(folder: Path) -> list[Cell]:
     resolved = yaml.safe_load((folder / CONFIG_FILE).read_text())
     metrics = json.loads((folder / METRICS_FILE).read_text())
     run, press = resolved["run"], resolved["press"]
-    knob = next((k for k in ("compression_ratio", "threshold") if k in resolved), None)
+    knob = next((k for k in KNOBS if k in resolved), None)
     point = f"{knob}={resolved[knob]}" if knob else "default"
     model = Path(str(run["model"])).name
     compression = metrics.get("compression_ratio")

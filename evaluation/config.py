@@ -15,6 +15,7 @@ import yaml
 
 from evaluation.datasets.ruler_synthetic import RulerSources, resolve_tasks
 from presses import PRESSES, get_spec
+from presses.registry import KNOBS
 
 DEFAULT_MODEL = "kvtiny"
 
@@ -41,6 +42,8 @@ class EvalConfig:
                                      factory=True)
     threshold: list = option([-4.0], "points for threshold presses (kvzap_*): evict pairs scoring below",
                              factory=True)
+    key_channel_compression_ratio: list = option([0.5], "points for key-channel presses (think): fraction of key "
+                                                 "channels zeroed, in [0, 1)", factory=True)
     dataset: list = option(["ruler"], "datasets: ruler, longbench, longbench_e (or longbench-e), longbench-v2, "
                            "loogle, zero_scrolls, infinitebench, needle_in_haystack, aime25, math500", factory=True)
     ruler_length: int | list = option(1024, "context length in tokens of RULER generated offline; several "
@@ -101,9 +104,8 @@ def help_text() -> str:
     return "\n".join(lines)
 
 
-LIST_FIELDS = ("press", "compression_ratio", "threshold", "dataset", "ruler_tasks", "needle_lengths",
-               "needle_depths")
-FLOAT_LIST_FIELDS = ("compression_ratio", "threshold", "needle_depths")
+LIST_FIELDS = ("press", *KNOBS, "dataset", "ruler_tasks", "needle_lengths", "needle_depths")
+FLOAT_LIST_FIELDS = (*KNOBS, "needle_depths")
 INT_LIST_FIELDS = ("needle_lengths",)
 NEEDLE_FIELDS = ("needle_lengths", "needle_depths", "needle_haystack")
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(EvalConfig))
@@ -240,7 +242,7 @@ def _canonical(name: str) -> str:
 def check_knobs(config: EvalConfig, given: set[str]) -> None:
     """A knob given explicitly must be taken by at least one press, or it would be silently ignored."""
     knobs = {get_spec(name).knob for name in config.press}
-    for knob in ("compression_ratio", "threshold"):
+    for knob in KNOBS:
         if knob in given and getattr(config, knob) and knob not in knobs:
             takers = sorted(name for name, spec in PRESSES.items() if spec.knob == knob)
             raise ConfigError(f"--{knob} is not taken by {', '.join(config.press)}: presses with a {knob} are "
@@ -251,6 +253,10 @@ def validate(config: EvalConfig) -> None:
     for ratio in config.compression_ratio:
         if not 0 <= ratio < 1:
             raise ConfigError(f"--compression_ratio must be in [0, 1) (fraction of KV pairs removed), got {ratio}")
+    for ratio in config.key_channel_compression_ratio:
+        if not 0 <= ratio < 1:
+            raise ConfigError(f"--key_channel_compression_ratio must be in [0, 1) (fraction of key channels "
+                              f"zeroed), got {ratio}")
     if not config.press:
         raise ConfigError("no press given: pass --press (e.g. --press knorm,snapkv)")
     if not config.dataset:

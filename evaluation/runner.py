@@ -74,10 +74,10 @@ def sweep_grid(config: EvalConfig) -> list[RunSpec]:
         get_dataset(dataset)
         for press in config.press:
             knob = get_spec(press).knob
-            points = {"compression_ratio": config.compression_ratio, "threshold": config.threshold}.get(knob, [None])
+            points = getattr(config, knob) if knob else [None]
             if knob and not points:
                 raise ConfigError(f"press '{press}' needs --{knob} values (e.g. --{knob} "
-                                  f"{'0.5' if knob == 'compression_ratio' else '-4'})")
+                                  f"{'-4' if knob == 'threshold' else '0.5'})")
             grid.extend(RunSpec(dataset, press, knob, value) for value in points)
     for spec in grid:  # build each press once so a bad setting fails now, not after the model loaded
         make_press(spec, config)

@@ -23,9 +23,9 @@ from evaluation.config import ConfigError
 from evaluation.kvpress_format import KVPRESS_PREDICTIONS, find_runs, load_kvpress_run
 from evaluation.metrics.registry import DATASETS, headline_sample_scores
 from evaluation.scoring import score_run
+from presses.registry import KNOBS
 
 REFERENCE_PRESS = "no_press"
-KNOBS = ("compression_ratio", "threshold")
 EXAMPLES_PER_RUN = 3
 OURS, KVPRESS = "kvpress-eval", "kvpress"
 # memory and speed fields a run's metrics.json may carry (written by the compact cache); shown when present

@@ -46,17 +46,28 @@ class AdaKVPress(BasePress):
     def post_init_from_model(self, model: nn.Module, tokenizer=None) -> None:
         self.press.post_init_from_model(model, tokenizer)
 
-    def compress(self, layer: LayerInputs) -> torch.Tensor:
-        if not layer.is_prefill or self.compression_ratio == 0:
-            return layer.evicted
-        scores = self.press.scores_for(layer).float()
+    def score(self, module: nn.Module, hidden_states, keys, values, attentions, kwargs) -> torch.Tensor:
+        """The wrapped press's scores (so that ``DecodingPress`` can score the cache through this press)."""
+        return self.press.score(module, hidden_states, keys, values, attentions, kwargs)
+
+    def select(self, scores: torch.Tensor, n_kept_per_head: int, evicted: torch.Tensor) -> torch.Tensor:
+        """Evict ``heads * (k_len - n_kept_per_head)`` pairs of the layer, lowest scores over all heads together.
+
+        ``scores`` and ``evicted`` are (batch, kv_heads, k_len); already evicted pairs count as removed first.
+        """
+        scores = scores.float().masked_fill(evicted, float("-inf"))
         batch, heads, k_len = scores.shape
-        n_kept_per_head = self.press.n_kept(k_len, layer.module.layer_idx)
         n_safe = max(1, int(n_kept_per_head * self.alpha_safeguard))
         safe = scores.topk(min(n_safe, k_len), dim=-1).indices
         scores = scores.scatter(-1, safe, float("inf"))
         n_removed = heads * (k_len - n_kept_per_head)
         removed = scores.reshape(batch, -1).topk(n_removed, dim=-1, largest=False).indices
-        evicted = torch.zeros(batch, heads * k_len, dtype=torch.bool, device=scores.device)
-        evicted.scatter_(-1, removed, True)
-        return evicted.view(batch, heads, k_len) | layer.evicted
+        new_evicted = torch.zeros(batch, heads * k_len, dtype=torch.bool, device=scores.device)
+        new_evicted.scatter_(-1, removed, True)
+        return new_evicted.view(batch, heads, k_len) | evicted
+
+    def compress(self, layer: LayerInputs) -> torch.Tensor:
+        if not layer.is_prefill or self.compression_ratio == 0:
+            return layer.evicted
+        n_kept_per_head = self.press.n_kept(layer.k_len, layer.module.layer_idx)
+        return self.select(self.press.scores_for(layer), n_kept_per_head, layer.evicted)

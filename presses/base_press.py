@@ -24,6 +24,7 @@ that forward (the same as kvpress), so one prefill could serve every press.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -84,6 +85,13 @@ class LayerInputs:
         return self.keys.shape[2]
 
 
+class _RewritesCacheIfAChildDoes:
+    """``BasePress.rewrites_cache``: False on a class, on an instance True if any press it wraps rewrites the cache."""
+
+    def __get__(self, press: BasePress | None, owner: type) -> bool:
+        return press is not None and any(child.rewrites_cache for child in press.children())
+
+
 @dataclass
 class BasePress:
     """Base of all presses. Subclasses implement :meth:`compress`; most derive from ``ScorerPress`` instead.
@@ -93,12 +101,17 @@ class BasePress:
     """
 
     knob: ClassVar[str | None] = None
+    # True for presses that write cached keys or values in place (ThinK, KeyRerotation, Merging, CAM): a sweep must
+    # give such a press a private copy of the context's cache. Such a press declares
+    # ``rewrites_cache: ClassVar[bool] = True``; any other press answers True on an instance when a press it wraps does.
+    rewrites_cache: ClassVar[bool] = _RewritesCacheIfAChildDoes()
     # Per-layer state tensors indexed by position on their last axis: cut back when the cache is cropped.
     position_state: ClassVar[tuple[str, ...]] = ("evicted",)
 
     def children(self) -> list[BasePress]:
         """Presses this one wraps (their state is reset, saved and restored with this one's)."""
         return []
+
 
     @property
     def compresses_while_decoding(self) -> bool:
@@ -308,6 +321,16 @@ def _pad_positions(mask: torch.Tensor, length: int) -> torch.Tensor:
     if missing <= 0:
         return mask[..., :length]
     return torch.cat([mask, mask.new_zeros((*mask.shape[:-1], missing))], dim=-1)
+
+
+def n_kept_pairs(k_len: int, compression_ratio: float) -> int:
+    """Pairs a head keeps out of ``k_len`` at ``compression_ratio``: kvpress's ``max(1, int(k_len * (1 - ratio)))``.
+
+    The product is rounded to 9 decimals before truncation so that float error cannot drop a pair: in floating
+    point ``10 * (1 - 0.8)`` is ``1.9999999999999996``, which kvpress truncates to 1; here it keeps 2. This is the
+    one place where kept counts are derived from a ratio.
+    """
+    return max(1, math.floor(round(k_len * (1 - compression_ratio), 9)))
 
 
 def keep_top_scores(scores: torch.Tensor, n_keep: int, evicted: torch.Tensor) -> torch.Tensor:

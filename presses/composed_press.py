@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 from torch import nn
@@ -13,11 +12,15 @@ from presses.base_press import BasePress, LayerInputs
 class ComposedPress(BasePress):
     """Apply several prefill presses in turn; each compresses what the previous ones kept.
 
-    Ratios compound: two presses at 0.5 leave about a quarter of the context. No sweep knob of its own.
+    Ratios compound: two presses at 0.5 leave about a quarter of the context. Its sweep knob is that of the first
+    press that has one (``snap_think``: SnapKV's compression_ratio); the others keep their constructor settings.
     """
 
     presses: list[BasePress] | None = None
-    knob: ClassVar[str | None] = None
+
+    @property
+    def knob(self) -> str | None:
+        return next((press.knob for press in self.children() if press.knob), None)
 
     def children(self) -> list[BasePress]:
         return list(self.presses or [])

@@ -84,20 +84,30 @@ class ExpectedAttentionPress(ScorerPress):
         rotation[:rotary_dim, :rotary_dim] = torch.diag(cos) + torch.diag(sin) @ rotate_half
         return rotation
 
-    def score(self, module: nn.Module, hidden_states, keys, values, attentions, kwargs) -> torch.Tensor:
-        batch, kv_heads, k_len, dim = keys.shape
+    def query_statistics(self, module: nn.Module, hidden_states: torch.Tensor, k_len: int):
+        """Mean (batch, heads, d) and covariance (batch, heads, d, d) of future queries, after the averaged RoPE.
+
+        From this forward's queries before RoPE, minus the sinks among them; the covariance is None without
+        ``use_covariance``. Overridden by presses with precomputed statistics.
+        """
         q_len = hidden_states.shape[1]
-        n_sink = min(self.n_sink, k_len - 1)  # leave at least one key to score
         # This forward's queries start at position k_len - q_len: skip those that are sinks, but keep one.
         skip = min(max(0, self.n_sink - (k_len - q_len)), q_len - 1)
         queries = compat.query_states(module, hidden_states[:, skip:], None).float()  # (batch, heads, n, d), pre-RoPE
-        rotation = self.average_rotation(module, k_len, keys.device)
-        mean = queries.mean(dim=2) @ rotation.T  # (batch, heads, d)
+        rotation = self.average_rotation(module, k_len, hidden_states.device)
+        mean = queries.mean(dim=2) @ rotation.T
+        if not self.use_covariance:
+            return mean, None
+        centered = queries - queries.mean(dim=2, keepdim=True)
+        return mean, rotation @ (centered.transpose(2, 3) @ centered / queries.shape[2]) @ rotation.T
+
+    def score(self, module: nn.Module, hidden_states, keys, values, attentions, kwargs) -> torch.Tensor:
+        batch, kv_heads, k_len, dim = keys.shape
+        n_sink = min(self.n_sink, k_len - 1)  # leave at least one key to score
+        mean, covariance = self.query_statistics(module, hidden_states, k_len)
         keys_ = keys[:, :, n_sink:].float().repeat_interleave(compat.num_key_value_groups(module), dim=1)
         logits = torch.einsum("bhd,bhnd->bhn", mean, keys_) / math.sqrt(dim)
-        if self.use_covariance:
-            centered = queries - queries.mean(dim=2, keepdim=True)
-            covariance = rotation @ (centered.transpose(2, 3) @ centered / queries.shape[2]) @ rotation.T
+        if covariance is not None:
             logits = logits + ((keys_ @ covariance) * keys_).sum(dim=-1) / (2 * dim)
         scores = F.softmax(logits, dim=-1).view(batch, kv_heads, -1, k_len - n_sink).mean(dim=2)
         if self.use_vnorm:

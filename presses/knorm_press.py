@@ -17,4 +17,5 @@ class KnormPress(ScorerPress):
     """
 
     def score(self, module: nn.Module, hidden_states, keys, values, attentions, kwargs) -> torch.Tensor:
-        return -keys.norm(dim=-1)
+        # In float32 as kvpress: in bfloat16 most key norms tie and the choice among them is arbitrary.
+        return -keys.float().norm(dim=-1)

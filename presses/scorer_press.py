@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from presses.base_press import BasePress, LayerInputs, keep_top_scores, validate_ratio
+from presses.base_press import BasePress, LayerInputs, keep_top_scores, n_kept_pairs, validate_ratio
 
 
 @dataclass
@@ -16,7 +16,8 @@ class ScorerPress(BasePress):
     """Remove ``compression_ratio`` of the context's KV pairs in every head, keeping the highest scores.
 
     Subclasses implement :meth:`score` only. Every head of every layer keeps the same number of pairs,
-    ``max(1, k_len - int(k_len * compression_ratio))``, so a short context never loses its whole cache.
+    ``n_kept_pairs(k_len, compression_ratio)`` (kvpress's ``int(k_len * (1 - ratio))``, at least 1), so a short
+    context never loses its whole cache.
     """
 
     compression_ratio: float = 0.0
@@ -40,9 +41,13 @@ class ScorerPress(BasePress):
     def scores_for(self, layer: LayerInputs) -> torch.Tensor:
         return self.score(layer.module, layer.hidden_states, layer.keys, layer.values, layer.attentions, layer.kwargs)
 
+    def select(self, scores: torch.Tensor, n_kept_per_head: int, evicted: torch.Tensor) -> torch.Tensor:
+        """Keep the ``n_kept_per_head`` best scores of each head (``DecodingPress`` selects through this)."""
+        return keep_top_scores(scores, n_kept_per_head, evicted)
+
     def n_kept(self, k_len: int, layer_idx: int) -> int:
         """Pairs each head keeps out of ``k_len`` (overridden by presses with per-layer budgets)."""
-        return max(1, k_len - int(k_len * self.compression_ratio))
+        return n_kept_pairs(k_len, self.compression_ratio)
 
     def compress(self, layer: LayerInputs) -> torch.Tensor:
         if not layer.is_prefill or self.compression_ratio == 0:
