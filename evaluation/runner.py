@@ -12,26 +12,18 @@ import platform
 import subprocess
 import zlib
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
 import torch
 import transformers
-import yaml
 from tqdm import tqdm
 
-from evaluation.cache import (
-    CONFIG_FILE,
-    METRICS_FILE,
-    PredictionCache,
-    run_folder_name,
-    write_json_atomically,
-    write_text_atomically,
-)
+from evaluation.cache import METRICS_FILE, PredictionCache, run_folder_name, write_json_atomically
 from evaluation.config import ConfigError, EvalConfig
 from evaluation.datasets.registry import get_dataset, load_records
-from evaluation.models import load_model, model_fingerprint, resolve_model_path
+from evaluation.models import model_fingerprint
+from evaluation.provenance import coverage_note, describe_samples, record_start
 from evaluation.scoring import score_run
 from presses import GenerationSettings, PressError, answer_questions, build_press, get_spec
 from presses.pipeline import encode_prompt
@@ -190,9 +182,8 @@ def run_one(model, tokenizer, records: list[dict], spec: RunSpec, config: EvalCo
     done = cache.load()
     folder.mkdir(parents=True, exist_ok=True)
     resolved = {"run": identity, "press": spec.press, spec.knob or "knob": spec.value, "config": asdict(config),
-                "environment": environment(config, model),
-                "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    write_text_atomically(folder / CONFIG_FILE, yaml.safe_dump(resolved, sort_keys=True))
+                "environment": environment(config, model)}
+    record_start(folder, resolved, config, cached=len(done))  # first start, or a resume appended to config.yaml
     truncation = get_dataset(spec.dataset).truncation
     todo = [(group, k) for k in range(config.num_samples) for group in group_by_context(records, config.query_aware)
             if any(sample_key(r, k, config) not in done for r in group)]
@@ -203,36 +194,51 @@ def run_one(model, tokenizer, records: list[dict], spec: RunSpec, config: EvalCo
             if prediction["sample_id"] not in done:
                 cache.append(prediction)
                 done[prediction["sample_id"]] = prediction
-    metrics = score_run(spec.dataset, list(done.values()))
+    asked = {sample_key(r, k, config) for k in range(config.num_samples) for r in records}
+    metrics = describe_samples(score_run(spec.dataset, list(done.values())), list(done), asked)
     write_json_atomically(folder / METRICS_FILE, metrics)
     return RunResult(spec, folder, metrics)
 
 
-def run_sweep(config: EvalConfig) -> list[RunResult]:
-    """Run every cell of the sweep, resuming what is cached; returns one result per cell."""
-    grid = sweep_grid(config)
-    resolve_model_path(config.model)
-    logger.info("loading %s", config.model)
-    model, tokenizer = load_model(config.model, config.device, config.dtype, config.attn_implementation)
-    results = []
-    for dataset in config.dataset:
-        records = load_records(dataset, config, tokenizer)
-        logger.info("%s: %d samples", dataset, len(records))
-        for spec in (s for s in grid if s.dataset == dataset):
-            try:
-                results.append(run_one(model, tokenizer, records, spec, config))
-            except PressError as error:
-                raise ConfigError(str(error)) from None
+def run_cells(model, tokenizer, config: EvalConfig, specs: list[RunSpec]) -> list[RunResult]:
+    """Run ``specs`` (cells of one model's sweep, in order) with a loaded model, resuming what is cached; one result
+    per cell. Every executor ends here: the local one with all cells of a shard, each Ray worker with the cells it
+    is handed."""
+    results, records_by_dataset = [], {}
+    for spec in specs:
+        if spec.dataset not in records_by_dataset:
+            records_by_dataset[spec.dataset] = load_records(spec.dataset, config, tokenizer)
+            logger.info("%s: %d samples", spec.dataset, len(records_by_dataset[spec.dataset]))
+        try:
+            results.append(run_one(model, tokenizer, records_by_dataset[spec.dataset], spec, config))
+        except PressError as error:
+            raise ConfigError(str(error)) from None
     return results
+
+
+def run_sweep(config: EvalConfig) -> list[RunResult]:
+    """Run the cells of the sweep (this shard's, with --shard) on the chosen executor, resuming what is cached;
+    returns one result per cell. Everything is checked before a model loads."""
+    from evaluation.executors import get_executor, plan
+
+    specs = plan(config)
+    return get_executor(config.executor)(config, specs)
 
 
 def results_table(results: list[RunResult]) -> str:
     rows = [f"{'dataset':<12} {'press':<24} {'point':<24} {'score':>7} {'achieved':>9} {'n':>5}  folder"]
+    notes = []
     for result in results:
         spec, metrics = result.spec, result.metrics
         point = f"{spec.knob}={spec.value}" if spec.knob else "-"
         achieved = metrics.get("compression_ratio")
+        note = coverage_note(metrics)
         rows.append(f"{spec.dataset:<12} {spec.press:<24} {point:<24} {metrics['overall']:>7.2f} "
-                    f"{achieved if achieved is None else round(achieved, 3):>9} {metrics['n_predictions']:>5}  "
-                    f"{result.folder}")
-    return "\n".join(rows)
+                    f"{achieved if achieved is None else round(achieved, 3):>9} {metrics['n_predictions']:>5}"
+                    f"{'*' if note else ' '} {result.folder}")
+        if note:
+            notes.append(f"* {spec.dataset} {spec.press} {point}: {note}")
+    if notes:
+        notes.append("  (these scores include samples cached by an earlier, larger invocation; metrics.json lists "
+                     "them under 'samples')")
+    return "\n".join(rows + notes)
