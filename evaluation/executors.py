@@ -77,7 +77,11 @@ class CellWorker:
     """A Ray actor: loads the model once, then runs the chunks of cells it is handed (``ray.remote`` wraps it)."""
 
     def __init__(self, config: EvalConfig, threads: int) -> None:
+        from transformers.utils import logging as transformers_logging
+
         torch.set_num_threads(threads)
+        os.environ["TQDM_DISABLE"] = "1"  # per-context bars from many workers would interleave; the driver reports
+        transformers_logging.disable_progress_bar()
         logging.basicConfig(level=logging.INFO, format="kvpress-eval worker: %(message)s")
         self.config = config
         self.model, self.tokenizer = load_model(config.model, config.device, config.dtype,
@@ -85,9 +89,6 @@ class CellWorker:
 
     def run_chunk(self, specs: list[RunSpec]) -> list[RunResult]:
         return run_cells(self.model, self.tokenizer, self.config, specs)
-
-    def pid(self) -> int:
-        return os.getpid()
 
 
 def chunks(specs: list[RunSpec], workers: int) -> list[list[RunSpec]]:
