@@ -47,6 +47,8 @@ def plan(config: EvalConfig) -> list[RunSpec]:
     specs = shard_cells(grid, *shard) if shard else grid
     check_writable_folder(config.output_dir)
     check_model(config.model)
+    if config.executor == "ray":
+        _import_ray()
     if config.executor == "local" or config.ray_address is None:  # a remote cluster's devices are not ours to see
         check_device(config.device)
         check_attn_implementation(config.attn_implementation, config.device)
@@ -108,10 +110,7 @@ def run_ray(config: EvalConfig, specs: list[RunSpec]) -> list[RunResult]:
     """The cells spread over a Ray cluster (``--ray_address``, else a local one): one actor per GPU (or per
     ``--num_threads`` CPUs), each loading the model once. A chunk whose worker dies is run again on a fresh worker,
     up to :data:`MAX_ATTEMPTS` times in all; its predictions cache makes the retry a resume."""
-    try:
-        import ray
-    except ImportError:
-        raise ConfigError("--executor ray needs Ray: pip install -e '.[ray]' (or pip install ray)") from None
+    ray = _import_ray()
     if not specs:
         logger.info("no cells to run (this shard is empty)")
         return []
@@ -123,6 +122,14 @@ def run_ray(config: EvalConfig, specs: list[RunSpec]) -> list[RunResult]:
     finally:
         if started_here:
             ray.shutdown()
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("--executor ray needs Ray: pip install -e '.[ray]' (or pip install ray)") from None
+    return ray
 
 
 def connect_ray(ray, address: str | None) -> None:

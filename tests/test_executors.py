@@ -100,9 +100,10 @@ def test_ray_writes_what_a_local_run_writes_even_when_a_worker_is_killed_mid_cel
         while time.time() < deadline and not killed:
             for path in out.glob(f"*/{PREDICTIONS_FILE}") if out.exists() else []:
                 lines = path.read_bytes().count(b"\n")
-                if 1 <= lines < SAMPLES and busy_workers():
-                    pid = busy_workers()[0]
-                    os.kill(pid, signal.SIGKILL)
+                busy = busy_workers()
+                if 1 <= lines < SAMPLES and busy:  # a cell half done: kill every busy worker, its writer included
+                    for pid in busy:
+                        os.kill(pid, signal.SIGKILL)
                     killed.append(lines)
                     return
             time.sleep(0.02)

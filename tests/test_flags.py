@@ -78,6 +78,13 @@ def test_bad_sweep_flags(args, message, folders, capsys, monkeypatch):
     assert not folders["out"].exists()
 
 
+def test_ray_executor_without_ray_installed(folders, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if the [ray] extra were not installed
+    fails_cleanly(["--executor", "ray", "--output_dir", str(folders["out"])], "pip install -e '.[ray]'", capsys,
+                  monkeypatch)
+    assert not folders["out"].exists()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_cuda_without_a_gpu(folders, capsys, monkeypatch):
     fails_cleanly(["--device", "cuda", "--output_dir", str(folders["out"])], "has no CUDA GPU", capsys, monkeypatch)
