@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -48,6 +49,7 @@ def plan(config: EvalConfig) -> list[RunSpec]:
     check_writable_folder(config.output_dir)
     check_model(config.model)
     if config.executor == "ray":
+        check_ray_address(config.ray_address)
         _import_ray()
     if config.executor == "local" or config.ray_address is None:  # a remote cluster's devices are not ours to see
         check_device(config.device)
@@ -122,6 +124,22 @@ def run_ray(config: EvalConfig, specs: list[RunSpec]) -> list[RunResult]:
     finally:
         if started_here:
             ray.shutdown()
+
+
+def check_ray_address(address: str | None, timeout: float = 5.0) -> None:
+    """A ``host:port`` (or ``ray://host:port``) address must accept connections: Ray itself would retry for minutes.
+    ``auto`` and None are left to Ray (a running local cluster, or a new one)."""
+    if address is None or address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--ray_address takes auto, HOST:PORT or ray://HOST:PORT (e.g. 10.0.0.1:6379), got "
+                          f"'{address}'")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as error:
+        raise ConfigError(f"--ray_address {address}: nothing answers there ({error.strerror or error}): start the "
+                          "cluster with 'ray start --head', or leave --ray_address out for a local one") from None
 
 
 def _import_ray():

@@ -67,6 +67,8 @@ SWEEP_CASES = [
     (["--shard", "2/2"], "--shard takes i/n"),
     (["--shard", "first"], "--shard takes i/n"),
     (["--num_threads", "0"], "--num_threads must be at least 1"),
+    (["--executor", "ray", "--ray_address", "127.0.0.1:1"], "nothing answers there"),
+    (["--executor", "ray", "--ray_address", "head-node"], "--ray_address takes auto, HOST:PORT"),
     (["--device", "gpu7"], "is not a device"),
     (["--attn_implementation", "flash"], "--attn_implementation must be sdpa, eager"),
 ]
