@@ -8,6 +8,9 @@ registry), ``smoke`` (every press on a tiny random model), ``export`` / ``import
 
 from __future__ import annotations
 
+import difflib
+import functools
+import inspect
 import logging
 import sys
 import time
@@ -15,10 +18,71 @@ import time
 import fire
 
 from evaluation.cache import CacheError
-from evaluation.config import DEFAULT_MODEL, ConfigError, help_text, resolve_config
+from evaluation.config import DEFAULT_MODEL, ConfigError, check_writable_folder, coerce, help_text, resolve_config
 from presses import PRESSES, PressError, build_press
 
+paths = "paths"  # the type hint of a flag that takes one folder or several, comma-separated
 
+
+def checked(func):
+    """Every argument of a command checked against its type hint before the command runs (``--tolerance abc``,
+    ``--epochs -1.5``, ``--out ''``): a one-line error instead of a traceback. ``paths`` hints take a folder or a
+    comma-separated list of folders."""
+    signature = inspect.signature(func)
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        for name, value in list(bound.arguments.items()):
+            kind = signature.parameters[name].annotation
+            if kind == "paths":
+                bound.arguments[name] = _paths(name, value)
+            elif isinstance(kind, str) and signature.parameters[name].kind is not inspect.Parameter.VAR_KEYWORD:
+                bound.arguments[name] = coerce(name, value, kind)
+        return func(*bound.args, **bound.kwargs)
+
+    return wrapper
+
+
+def _paths(name: str, value) -> list[str]:
+    items = [str(v).strip() for v in value] if isinstance(value, (list, tuple)) else str(value).split(",")
+    items = [item.strip() for item in items if item.strip()]
+    if not items or isinstance(value, bool):
+        raise ConfigError(f"--{name} takes a folder or comma-separated folders, got {value!r}")
+    return items
+
+
+def check_flags(func, argv: list[str], command: str) -> None:
+    """Unknown flags and surplus positional arguments of a command, as one-line errors (Fire would print its usage
+    page)."""
+    parameters = inspect.signature(func).parameters
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    names = [name for name, p in parameters.items() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    positional, given, i = [], set(), 0
+    while i < len(argv):
+        token = argv[i]
+        if token.startswith("--") and len(token) > 2:
+            name = token[2:].split("=", 1)[0].replace("-", "_")
+            known = name in names or (name.startswith("no") and name[2:] in names)
+            if not known and not accepts_any:
+                close = difflib.get_close_matches(name, names, n=1)
+                hint = f"did you mean --{close[0]}? " if close else ""
+                options = ", ".join(f"--{n}" for n in names) or "none"
+                raise ConfigError(f"{command}: unknown flag --{name}: {hint}its flags are {options}")
+            given.add(name)
+            value_follows = "=" not in token and i + 1 < len(argv) and not argv[i + 1].startswith("--")
+            boolean = name in parameters and isinstance(parameters[name].default, bool)
+            i += 2 if value_follows and not boolean else 1
+        else:
+            positional.append(token)
+            i += 1
+    free = [n for n in names if n not in given]
+    if len(positional) > len(free):
+        raise ConfigError(f"{command}: unexpected argument '{positional[len(free)]}': pass settings as --FLAG VALUE "
+                          f"({', '.join(f'--{n}' for n in names) or 'no flags'})")
+
+
+@checked
 def run(config: str | None = None, **flags) -> None:
     """Run the sweep described by defaults < ``config`` (YAML) < ``flags``; print the results table."""
     from evaluation.runner import results_table, run_sweep
@@ -36,8 +100,15 @@ def list_presses() -> str:
     return "\n".join([f"{'press':<26} {'knob':<18} description", *rows])
 
 
+@checked
 def smoke(context_length: int = 512, compression_ratio: float = 0.5, threshold: float = 0.0, seed: int = 0) -> str:
     """Apply every press to a tiny random Qwen3 model (no download) and report achieved compression and time."""
+    if not 16 <= context_length <= 4096:
+        raise ConfigError(f"smoke: --context_length must be in [16, 4096] tokens, got {context_length}")
+    if not 0 <= compression_ratio < 1:
+        raise ConfigError(f"smoke: --compression_ratio must be in [0, 1), got {compression_ratio}")
+    if seed < 0:
+        raise ConfigError(f"smoke: --seed must be 0 or more, got {seed}")
     import tempfile
 
     import numpy as np
@@ -80,22 +151,29 @@ def smoke(context_length: int = 512, compression_ratio: float = 0.5, threshold: 
     return "\n".join(rows)
 
 
+@checked
 def export(results: str = "results/runs", out: str = "kvpress_results") -> str:
     """Write every run under --results in kvpress's layout (predictions.csv, metrics.json, config.yaml) to --out."""
     from evaluation.kvpress_format import export_kvpress
+
+    check_writable_folder(out, "--out")
 
     folders = export_kvpress(results, out)
     return f"exported {len(folders)} run(s) to {out}/ in kvpress's layout"
 
 
+@checked
 def import_(source: str, output_dir: str = "results/runs") -> str:
     """Read kvpress result folders under --source into --output_dir (rescored with kvpress-eval's metrics)."""
     from evaluation.kvpress_format import import_kvpress
+
+    check_writable_folder(output_dir)
 
     folders = import_kvpress(source, output_dir)
     return "\n".join([f"imported {len(folders)} kvpress run(s):", *(f"  {folder}" for folder in folders)])
 
 
+@checked
 def train_kvzap(output_dir: str, model: str = DEFAULT_MODEL, texts: str = "synthetic", n_texts: int = 200,
                 positions_per_text: int = 500, min_text_tokens: int = 750, max_text_tokens: int = 1250,
                 hidden_dim: int | None = None, epochs: int = 15, device: str | None = None, dtype: str = "float32",
@@ -107,14 +185,23 @@ def train_kvzap(output_dir: str, model: str = DEFAULT_MODEL, texts: str = "synth
     """
     from evaluation.kvzap.train import TrainSettings
     from evaluation.kvzap.train import train_kvzap as train
-    from evaluation.models import load_model
+    from evaluation.models import DTYPES, check_device, check_model, load_model
 
+    if hidden_dim is not None and hidden_dim < 1:
+        raise ConfigError(f"train-kvzap: --hidden_dim must be at least 1, got {hidden_dim}")
+    if dtype not in DTYPES:
+        raise ConfigError(f"train-kvzap: --dtype must be {', '.join(DTYPES)}, got '{dtype}'")
+    if seed < 0:
+        raise ConfigError(f"train-kvzap: --seed must be 0 or more, got {seed}")
     settings = TrainSettings(texts=str(texts), n_texts=n_texts, positions_per_text=positions_per_text,
                              min_text_tokens=min_text_tokens, max_text_tokens=max_text_tokens, hidden_dim=hidden_dim,
                              epochs=epochs, seed=seed)
     if min(n_texts, positions_per_text, min_text_tokens, epochs) < 1 or max_text_tokens < min_text_tokens:
         raise ConfigError("train-kvzap: --n_texts, --positions_per_text, --min_text_tokens and --epochs must be "
                           "positive and --max_text_tokens at least --min_text_tokens")
+    check_writable_folder(output_dir)
+    check_model(model)
+    check_device(device)
     loaded, tokenizer = load_model(model, device, dtype, "sdpa")
     report = train(loaded, tokenizer, output_dir, settings)
     rows = [f"{'layer':<6} {'linear R2':>10} {'mlp R2':>8} {'linear r':>9} {'mlp r':>7}"]
@@ -128,18 +215,23 @@ def train_kvzap(output_dir: str, model: str = DEFAULT_MODEL, texts: str = "synth
     return "\n".join(rows)
 
 
-def compare(baseline: str | None = None, results: str = "results/runs", tolerance: float | None = None,
+@checked
+def compare(baseline: str | None = None, results: paths = "results/runs", tolerance: float | None = None,
             save: str | None = None) -> None:
     """Compare --results with --baseline (a results folder or a file written by --save); exit 1 on a regression.
 
     A cell (model, dataset, press, point, task) fails when its score drops by more than --tolerance points
     or when a baseline run is missing from --results. --save FILE writes --results as a baseline file instead.
+    --results takes several folders, comma-separated (the shards of a sweep), read as one.
     """
     from evaluation.compare import DEFAULT_TOLERANCE, save_baseline
     from evaluation.compare import compare as compare_results
 
     if save is not None:
-        print(f"saved {save_baseline(results, save)} cells of {results} to {save}")
+        from pathlib import Path
+
+        check_writable_folder(str(Path(save).expanduser().parent), "--save's folder")
+        print(f"saved {save_baseline(results, save)} cells of {','.join(results)} to {save}")
         return
     if baseline is None:
         raise ConfigError("compare needs --baseline (a results folder or baseline file), or --save FILE")
@@ -150,9 +242,14 @@ def compare(baseline: str | None = None, results: str = "results/runs", toleranc
         sys.exit(1)
 
 
-def leaderboard(results: str = "results", out: str = "site") -> str:
-    """Build the static leaderboard site (accuracy versus compression) from the runs under --results into --out."""
+@checked
+def leaderboard(results: paths = "results", out: str = "site") -> str:
+    """Build the static leaderboard site (accuracy versus compression) from the runs under --results into --out.
+
+    --results takes several folders, comma-separated (the shards of a sweep), read as one."""
     from leaderboard import build_site
+
+    check_writable_folder(out, "--out")
 
     index = build_site(results, out)
     return f"leaderboard written to {out}/: open {index} in a browser"
@@ -172,6 +269,8 @@ def main() -> None:
     argv = sys.argv[1:]
     try:
         if argv and argv[0] in COMMANDS:
+            if "--help" not in argv and "-h" not in argv:
+                check_flags(COMMANDS[argv[0]], argv[1:], f"kvpress-eval {argv[0]}")
             fire.Fire(COMMANDS[argv[0]], command=argv[1:], name=f"kvpress-eval {argv[0]}")
         elif "--help" in argv or "-h" in argv:
             print(help_text())
@@ -179,6 +278,7 @@ def main() -> None:
             raise ConfigError(f"unknown command '{argv[0]}': commands are {', '.join(COMMANDS)}, or flags only for a "
                               "sweep (kvpress-eval --help)")
         else:
+            check_flags(run, argv, "sweep")
             fire.Fire(run, command=argv, name="kvpress-eval")
     except (ConfigError, PressError, CacheError) as error:
         print(f"kvpress-eval: error: {error}", file=sys.stderr)

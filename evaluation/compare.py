@@ -56,9 +56,18 @@ def run_cells(folder: Path) -> list[Cell]:
     return cells
 
 
-def read_cells(source: str | Path) -> dict[tuple, Cell]:
-    """Cells of a folder of runs or of a baseline file; two runs with the same (model, dataset, press, point) are an
-    error, since the comparison would be ambiguous."""
+def read_cells(source: str | Path | list) -> dict[tuple, Cell]:
+    """Cells of a folder of runs or of a baseline file, or of several folders read as one (a sweep's shards); two runs
+    with the same (model, dataset, press, point) are an error, since the comparison would be ambiguous."""
+    if isinstance(source, (list, tuple)):
+        merged: dict[tuple, Cell] = {}
+        for one in source:
+            for key, cell in read_cells(one).items():
+                if key in merged:
+                    raise ConfigError(f"'{one}' and another results folder both hold {'/'.join(key[:4])}: keep one "
+                                      "run per press and point across the folders you compare")
+                merged[key] = cell
+        return merged
     path = Path(source)
     if path.is_file():
         try:
@@ -80,7 +89,7 @@ def read_cells(source: str | Path) -> dict[tuple, Cell]:
     return by_key
 
 
-def save_baseline(results: str | Path, path: str | Path) -> int:
+def save_baseline(results: str | Path | list, path: str | Path) -> int:
     """Write the cells of ``results`` as a baseline file; returns the number of cells."""
     cells = read_cells(results)
     if not cells:
@@ -134,7 +143,7 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def compare(baseline: str | Path, results: str | Path, tolerance: float = DEFAULT_TOLERANCE) -> tuple[str, bool]:
+def compare(baseline: str | Path, results: str | Path | list, tolerance: float = DEFAULT_TOLERANCE) -> tuple[str, bool]:
     """(table, passed): passed is False when a cell dropped by more than ``tolerance`` or a baseline run is missing."""
     if tolerance < 0:
         raise ConfigError(f"--tolerance must be >= 0 points, got {tolerance}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from presses import PRESSES, get_spec
 from presses.registry import KNOBS
 
 DEFAULT_MODEL = "kvtiny"
+EXECUTORS = ("local", "ray")
 
 
 class ConfigError(ValueError):
@@ -62,7 +64,7 @@ class EvalConfig:
     data_dir: str | None = option(None, "hub config: RULER length (e.g. 4096) or one LongBench subset")
     data_files: dict = option({}, "local .jsonl/.parquet in the common layout instead of the hub: PATH (one "
                               "dataset) or DATASET=PATH,DATASET=PATH", factory=True)
-    max_samples: int | None = option(10, "at most this many samples per task (None: all)")
+    max_samples: int | None = option(10, "at most this many samples per task (null, None or all: every sample)")
     fraction: float = option(1.0, "then keep this fraction of them")
     max_context_length: int | None = option(None, "cut longer contexts to this many tokens (LongBench: middle cut)")
     max_new_tokens: int | None = option(None, "answer length (default: the dataset's)")
@@ -85,6 +87,16 @@ class EvalConfig:
                                     "what half the free memory holds on GPU)")
     output_dir: str = option("results/runs", "where run folders go")
     overwrite: bool = option(False, "start cached runs over instead of resuming them")
+    executor: str = option("local", "local (this process) or ray (cells spread over a Ray cluster; pip install "
+                           "-e '.[ray]')")
+    ray_address: str | None = option(None, "Ray cluster to join (e.g. auto, ray://head:10001; default: start a "
+                                     "local one)")
+    workers: int | None = option(None, "Ray workers, each loading the model once (default: one per GPU of the "
+                                 "cluster, else CPUs / --num_threads)")
+    shard: str | None = option(None, "i/n: run only shard i (0-based) of n, a deterministic split of the cells "
+                               "(SLURM arrays)")
+    num_threads: int | None = option(None, "torch CPU threads per process (default: $OMP_NUM_THREADS, else half "
+                                     "the CPUs this process may use)")
 
 
 def help_text() -> str:
@@ -121,15 +133,23 @@ def _as_list(name: str, value) -> list:
     else:
         items = [value]
     if name in FLOAT_LIST_FIELDS:
-        try:
-            return [float(item) for item in items]
-        except (TypeError, ValueError):
-            raise ConfigError(f"--{name} takes numbers (e.g. --{name} 0.25,0.5), got {value!r}") from None
+        numbers = []
+        for item in items:
+            try:
+                number = None if isinstance(item, bool) else float(item)
+            except (TypeError, ValueError):
+                number = None
+            if number is None or number != number or abs(number) == float("inf"):
+                raise ConfigError(f"--{name} takes numbers (e.g. --{name} 0.25,0.5), got {value!r}")
+            numbers.append(number)
+        return numbers
     if name in INT_LIST_FIELDS:
         try:
             return [_whole(item) for item in items]
         except (TypeError, ValueError):
             raise ConfigError(f"--{name} takes whole numbers (e.g. --{name} 512,1024), got {value!r}") from None
+    if any(isinstance(item, (list, tuple, dict, bool)) for item in items):
+        raise ConfigError(f"--{name} takes names (e.g. --{name} a,b), got {value!r}")
     return [str(item) for item in items]
 
 
@@ -185,15 +205,76 @@ def read_yaml(path: str) -> dict:
     return settings
 
 
+NONE_WORDS = ("none", "null", "~")
+ALL_MEANS_NONE = ("max_samples",)  # --max_samples all: every sample
+FIELD_TYPES = {f.name: str(f.type) for f in dataclasses.fields(EvalConfig)}
+
+
+def coerce(name: str, value, kind: str):
+    """``value`` as the type ``kind`` names (``int``, ``float | None``, ``str``, ``bool``, ...), or a one-line error.
+
+    Command-line values arrive parsed by Fire (``--seed 3`` is an int, ``--model 123`` too) and YAML values typed
+    by YAML; both go through here, so ``--max_samples abc`` fails by name instead of deep inside the sweep.
+    ``null``, ``None`` and ``~`` mean None where a setting may be None (``--max_samples all`` too).
+    """
+    optional = kind.replace(" ", "").endswith("|None")
+    base = kind.replace(" ", "").removesuffix("|None")
+    none_words = NONE_WORDS + (("all",) if name in ALL_MEANS_NONE else ())
+    if optional and (value is None or (isinstance(value, str) and value.strip().lower() in none_words)):
+        return None
+    if base in ("list", "dict"):
+        return value
+    if value is None:
+        raise ConfigError(f"--{name} needs a value (see kvpress-eval --help)")
+    if isinstance(value, (list, tuple, dict)) and base != "str":
+        raise ConfigError(f"--{name} takes one {'number' if base in ('int', 'float') else 'value'}, got {value!r}")
+    if base == "bool":
+        words = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+        if isinstance(value, bool):
+            return value
+        if str(value).strip().lower() in words and not isinstance(value, float):
+            return words[str(value).strip().lower()]
+        raise ConfigError(f"--{name} is a switch: give it alone (--{name}) or as --{name} true/false, got {value!r}")
+    if base in ("int", "float"):
+        number = None
+        if not isinstance(value, bool):
+            try:
+                number = float(value) if base == "float" or isinstance(value, float) else int(str(value).strip())
+            except (TypeError, ValueError):
+                number = None
+        if number is None or number != number or number in (float("inf"), float("-inf")):
+            example = "10" if base == "int" else "0.5"
+            raise ConfigError(f"--{name} takes a {'whole ' if base == 'int' else ''}number (e.g. --{name} {example}),"
+                              f" got {value!r}")
+        if base == "int":
+            if float(number) != int(number):
+                raise ConfigError(f"--{name} takes a whole number, got {value!r}")
+            return int(number)
+        return float(number)
+    if base == "str":
+        if isinstance(value, (list, tuple, dict, bool)):
+            raise ConfigError(f"--{name} takes one text value, got {value!r}")
+        if not str(value).strip():
+            raise ConfigError(f"--{name} is empty: give a value or leave the flag out (see kvpress-eval --help)")
+        return str(value)
+    return value
+
+
 def resolve_config(config_file: str | None = None, **cli) -> EvalConfig:
-    """Defaults, then the YAML file, then command-line flags; unknown settings are errors with suggestions."""
+    """Defaults, then the YAML file, then command-line flags; unknown settings are errors with suggestions.
+
+    A flag given as None on the command line (``--max_samples None``) sets None; every value is checked for its
+    type here, before anything heavy runs.
+    """
     settings = read_yaml(config_file) if config_file else {}
-    settings.update({name: value for name, value in cli.items() if value is not None})
+    settings.update(cli)
     unknown = [name for name in settings if name not in FIELD_NAMES]
     if unknown:
         close = difflib.get_close_matches(unknown[0], FIELD_NAMES, n=1)
         hint = f"did you mean --{close[0]}? " if close else ""
         raise ConfigError(f"unknown setting '{unknown[0]}': {hint}see kvpress-eval --help")
+    for name in list(settings):
+        settings[name] = coerce(name, settings[name], FIELD_TYPES[name])
     for name in LIST_FIELDS:
         if name in settings:
             settings[name] = _as_list(name, settings[name])
@@ -272,7 +353,8 @@ def validate(config: EvalConfig) -> None:
     if config.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise ConfigError(f"--dtype must be auto, float32, bfloat16 or float16, got '{config.dtype}'")
     if config.attn_implementation not in ("sdpa", "eager", "flash_attention_2", "flash_attention_3"):
-        raise ConfigError(f"--attn_implementation must be sdpa or eager, got '{config.attn_implementation}'")
+        raise ConfigError("--attn_implementation must be sdpa, eager, flash_attention_2 or flash_attention_3, got "
+                          f"'{config.attn_implementation}'")
     if config.engine not in ("batched", "sequential"):
         raise ConfigError(f"--engine must be batched or sequential, got '{config.engine}'")
     if config.batch_size is not None and (isinstance(config.batch_size, bool) or not isinstance(config.batch_size, int)
@@ -284,6 +366,24 @@ def validate(config: EvalConfig) -> None:
     for length in lengths:
         if length < 64:
             raise ConfigError(f"--ruler_length must be at least 64 tokens, got {length}")
+    for name in ("max_context_length", "max_new_tokens", "num_threads", "workers"):
+        if getattr(config, name) is not None and getattr(config, name) < 1:
+            raise ConfigError(f"--{name} must be at least 1, got {getattr(config, name)}")
+    if config.temperature <= 0:
+        raise ConfigError(f"--temperature must be above 0, got {config.temperature}")
+    if not 0 < config.top_p <= 1:
+        raise ConfigError(f"--top_p must be in (0, 1], got {config.top_p}")
+    if config.top_k < 0:
+        raise ConfigError(f"--top_k must be 0 (off) or more, got {config.top_k}")
+    if not 0 <= config.min_p <= 1:
+        raise ConfigError(f"--min_p must be in [0, 1], got {config.min_p}")
+    if config.seed < 0:
+        raise ConfigError(f"--seed must be 0 or more, got {config.seed}")
+    if config.executor not in EXECUTORS:
+        raise ConfigError(f"--executor must be {' or '.join(EXECUTORS)}, got '{config.executor}'")
+    if config.executor != "ray" and (config.ray_address is not None or config.workers is not None):
+        raise ConfigError("--ray_address and --workers need --executor ray")
+    parse_shard(config.shard)
     for name in config.press:
         get_spec(name)  # unknown press: a one-line error with close matches
     validate_needle(config)
@@ -322,6 +422,51 @@ def check_needle_flags(config: EvalConfig, given: set[str]) -> None:
     if unused and "needle_in_haystack" not in config.dataset:
         raise ConfigError(f"--{unused[0]} is only used by --dataset needle_in_haystack, which is not in --dataset "
                           f"({', '.join(config.dataset)})")
+
+
+def check_writable_folder(path: str, flag: str = "--output_dir") -> None:
+    """``path`` is a folder that exists and can be written, or can be created; checked without creating anything."""
+    folder = Path(path).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{flag} '{path}' is a file: give a folder")
+    existing = folder
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{flag} '{path}' cannot be created: '{existing}' is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "written" if existing == folder else f"created ('{existing}' is not writable)"
+        raise ConfigError(f"{flag} '{path}' cannot be {what}: choose a folder you can write to")
+
+
+def parse_shard(shard: str | None) -> tuple[int, int] | None:
+    """``"i/n"`` as (i, n) with 0 <= i < n; None for no sharding."""
+    if shard is None:
+        return None
+    index, _, count = str(shard).partition("/")
+    try:
+        i, n = int(index), int(count)
+    except ValueError:
+        i, n = -1, 0
+    if not 0 <= i < n:
+        raise ConfigError(f"--shard takes i/n with 0 <= i < n (e.g. --shard 0/4 for the first of 4 shards), got "
+                          f"'{shard}'")
+    return i, n
+
+
+def default_num_threads(workers_here: int = 1) -> int:
+    """Torch CPU threads per process when --num_threads is not given: ``$OMP_NUM_THREADS`` if set, else half the
+    CPUs this process may use, shared among ``workers_here`` processes on the machine, and at least 1.
+
+    Half, because torch's default (every core) oversubscribes a machine that does anything else: measured on a
+    shared 2-core machine, 2 threads against one competing process ran a sweep 2x slower than 1 thread.
+    """
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        return int(os.environ["OMP_NUM_THREADS"])
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cpus // 2 // max(1, workers_here))
 
 
 def ruler_sources(config: EvalConfig) -> RulerSources:

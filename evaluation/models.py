@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 from pathlib import Path
 
@@ -51,6 +52,58 @@ def model_fingerprint(name: str) -> str:
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json", "spiece.model")
+ATTENTION_PACKAGES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
+
+
+def check_model(name: str) -> None:
+    """A local model folder must hold a config.json and a tokenizer; checked without loading anything. Hub names are
+    checked when they load (offline, a missing one fails there with its own one-line error)."""
+    path = Path(resolve_model_path(name))
+    if not path.is_dir():
+        return
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"model folder '{name}' has no config.json: give a folder written by save_pretrained "
+                          "(config.json, weights, tokenizer)")
+    if not any((path / file).is_file() for file in TOKENIZER_FILES):
+        raise ConfigError(f"model folder '{name}' has no tokenizer (tokenizer.json, tokenizer.model or vocab.json): "
+                          "save the tokenizer into it too (tokenizer.save_pretrained)")
+
+
+def check_device(device: str | None) -> None:
+    """``device`` must name a device this machine has (cpu, cuda, cuda:N, mps); None picks one."""
+    if device is None:
+        return
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device '{device}' is not a device: use cpu, cuda, cuda:1, mps ...") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"--device {device}: this machine has no CUDA GPU (or torch was built without CUDA): "
+                              "use --device cpu")
+        if parsed.index is not None and parsed.index >= count:
+            raise ConfigError(f"--device {device}: this machine has {count} GPU(s) (cuda:0 to cuda:{count - 1})")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {device}: MPS is not available on this machine: use --device cpu")
+    elif parsed.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"--device {device}: kvpress-eval runs on cpu, cuda or mps")
+
+
+def check_attn_implementation(attn_implementation: str, device: str | None) -> None:
+    """Flash attention needs its package installed and a CUDA device."""
+    package = ATTENTION_PACKAGES.get(attn_implementation)
+    if package is None:
+        return
+    if importlib.util.find_spec(package) is None:
+        raise ConfigError(f"--attn_implementation {attn_implementation} needs the '{package}' package, which is not "
+                          "installed: install it or use --attn_implementation sdpa")
+    if (device or default_device()).split(":")[0] != "cuda":
+        raise ConfigError(f"--attn_implementation {attn_implementation} runs on CUDA GPUs only: use sdpa on "
+                          f"{device or default_device()}")
 
 
 def load_model(name: str, device: str | None = None, dtype: str = "auto", attn_implementation: str = "sdpa"):

@@ -11,23 +11,14 @@ import logging
 import platform
 import subprocess
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
 import torch
 import transformers
-import yaml
 from tqdm import tqdm
 
-from evaluation.cache import (
-    CONFIG_FILE,
-    METRICS_FILE,
-    PredictionCache,
-    run_folder_name,
-    write_json_atomically,
-    write_text_atomically,
-)
+from evaluation.cache import METRICS_FILE, PredictionCache, run_folder_name, write_json_atomically
 from evaluation.config import ConfigError, EvalConfig
 from evaluation.datasets.registry import get_dataset, load_records, ruler_length_of
 from evaluation.engine import (
@@ -37,8 +28,10 @@ from evaluation.engine import (
     execute_sequentially,
     generation_settings,
     group_by_context,
+    sample_key,
 )
-from evaluation.models import load_model, model_fingerprint, resolve_model_path
+from evaluation.models import model_fingerprint
+from evaluation.provenance import coverage_note, describe_samples, record_start
 from evaluation.scoring import score_run
 from presses import PressError, build_press, get_spec
 
@@ -144,16 +137,17 @@ def prepare_run(model, tokenizer, spec: RunSpec, config: EvalConfig) -> Prepared
     done = cache.load()
     folder.mkdir(parents=True, exist_ok=True)
     resolved = {"run": identity, "press": spec.press, spec.knob or "knob": spec.value, "config": asdict(config),
-                "environment": environment(config, model),
-                "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    write_text_atomically(folder / CONFIG_FILE, yaml.safe_dump(resolved, sort_keys=True))
+                "environment": environment(config, model)}
+    record_start(folder, resolved, config, cached=len(done))  # first start, or a resume appended to config.yaml
     return PreparedRun(spec, run_label(spec), spec.dataset, press, folder, cache, done,
                        lambda: make_press(spec, config))
 
 
-def finish_run(run: PreparedRun) -> RunResult:
+def finish_run(run: PreparedRun, records: list[dict], config: EvalConfig) -> RunResult:
     # In sample order, not cache order (the engine appends answers as rows finish): a resumed run scores equal.
-    metrics = score_run(run.spec.dataset, [run.done[key] for key in sorted(run.done)])
+    scores = score_run(run.spec.dataset, [run.done[key] for key in sorted(run.done)])
+    asked = {sample_key(r, k, config) for k in range(config.num_samples) for r in records}
+    metrics = describe_samples(scores, sorted(run.done), asked)
     write_json_atomically(run.folder / METRICS_FILE, metrics)
     return RunResult(run.spec, run.folder, metrics)
 
@@ -168,7 +162,8 @@ def count_missing(runs: list[PreparedRun], groups: list[list[dict]], config: Eva
 
 
 def run_cells(model, tokenizer, config: EvalConfig, specs: list[RunSpec]) -> list[RunResult]:
-    """Run these cells of the sweep with a loaded model, resuming what is cached; one result per cell.
+    """Run these cells of the sweep with a loaded model, resuming what is cached; one result per cell. Every
+    executor ends here: the local one with all cells of a shard, each Ray worker with the cells it is handed.
 
     The plan (folders, caches, configs) is made here; the execution is the sweep engine
     (:mod:`evaluation.engine`: one prefill per context for every cell, answers decoded in batches) or, with
@@ -206,26 +201,33 @@ def run_cells(model, tokenizer, config: EvalConfig, specs: list[RunSpec]) -> lis
                         execute_sequentially(model, tokenizer, records[dataset], run, config, progress)
             except PressError as error:
                 raise ConfigError(str(error)) from None
-    return [finish_run(run) for run in prepared]
+    return [finish_run(run, records[run.spec.dataset], config) for run in prepared]
 
 
 def run_sweep(config: EvalConfig) -> list[RunResult]:
-    """Run every cell of the sweep, resuming what is cached; returns one result per cell."""
-    grid = sweep_grid(config)
-    resolve_model_path(config.model)
-    logger.info("loading %s", config.model)
-    model, tokenizer = load_model(config.model, config.device, config.dtype, config.attn_implementation)
-    return run_cells(model, tokenizer, config, grid)
+    """Run the cells of the sweep (this shard's, with --shard) on the chosen executor, resuming what is cached;
+    returns one result per cell. Everything is checked before a model loads."""
+    from evaluation.executors import get_executor, plan
+
+    specs = plan(config)
+    return get_executor(config.executor)(config, specs)
 
 
 def results_table(results: list[RunResult]) -> str:
     width = max([len("dataset"), *(len(result.spec.dataset) for result in results)])
     rows = [f"{'dataset':<{width}} {'press':<24} {'point':<24} {'score':>7} {'achieved':>9} {'n':>5}  folder"]
+    notes = []
     for result in results:
         spec, metrics = result.spec, result.metrics
         point = f"{spec.knob}={spec.value}" if spec.knob else "-"
         achieved = metrics.get("compression_ratio")
+        note = coverage_note(metrics)
         rows.append(f"{spec.dataset:<{width}} {spec.press:<24} {point:<24} {metrics['overall']:>7.2f} "
-                    f"{achieved if achieved is None else round(achieved, 3):>9} {metrics['n_predictions']:>5}  "
-                    f"{result.folder}")
-    return "\n".join(rows)
+                    f"{achieved if achieved is None else round(achieved, 3):>9} {metrics['n_predictions']:>5}"
+                    f"{'*' if note else ' '} {result.folder}")
+        if note:
+            notes.append(f"* {spec.dataset} {spec.press} {point}: {note}")
+    if notes:
+        notes.append("  (these scores include samples cached by an earlier, larger invocation; metrics.json lists "
+                     "them under 'samples')")
+    return "\n".join(rows + notes)

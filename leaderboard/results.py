@@ -13,7 +13,7 @@ import math
 import shutil
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
@@ -125,11 +125,21 @@ class Results:
     skipped: tuple[Skipped, ...]
 
 
-def read_results(results: str | Path, exclude: Sequence[Path] = ()) -> Results:
+def read_results(results: str | Path | Sequence[str | Path], exclude: Sequence[Path] = ()) -> Results:
     """Every run folder under ``results`` (sorted), skipping anything under ``exclude`` (sites built inside it).
+    Several folders (a sweep's shards) are read as one; run names then start with each folder's name.
 
     Raises :class:`ConfigError` when ``results`` is not a folder; an empty folder gives empty results.
     """
+    if isinstance(results, (list, tuple)):
+        if len(results) == 1:
+            return read_results(results[0], exclude)
+        parts = [read_results(root, exclude) for root in results]
+        runs = [replace(run, name=f"{Path(root).resolve().name}/{run.name}")
+                for root, part in zip(results, parts, strict=True) for run in part.runs]
+        skipped = [replace(skip, name=f"{Path(root).resolve().name}/{skip.name}")
+                   for root, part in zip(results, parts, strict=True) for skip in part.skipped]
+        return Results(tuple(sorted(runs, key=lambda run: run.name)), tuple(skipped))
     root = Path(results)
     markers = (CONFIG_FILE, PREDICTIONS_FILE, KVPRESS_PREDICTIONS)
     folders = sorted({folder for marker in markers for folder in find_runs(root, marker)})

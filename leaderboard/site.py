@@ -196,23 +196,28 @@ class Pair:
         return tuple(maps)
 
 
-def build_site(results: str | Path, out: str | Path, heatmap_level: float = HEATMAP_LEVEL) -> Path:
+def build_site(results: str | Path | list, out: str | Path, heatmap_level: float = HEATMAP_LEVEL) -> Path:
     """Render the leaderboard of every run under ``results`` into ``out``; returns the index page's path.
 
     ``heatmap_level`` is the achieved compression the press x task heatmap compares presses at. ``out`` must be new,
     empty, or a site built here before (which is replaced whole, so runs removed from results
     disappear from the site). An empty results folder, unfinished runs and unreadable folders give pages with a
-    notice; a missing results folder or an ``out`` holding other files raises :class:`ConfigError`.
+    notice; a missing results folder or an ``out`` holding other files raises :class:`ConfigError`. Several results
+    folders (a sweep's shards) are read as one.
     """
-    results, out = Path(results), Path(out)
-    _prepare_output(results, out)
-    sites = [marker.parent for marker in results.rglob(MARKER)]  # ours, kept inside results: no runs there
-    data = read_results(results, exclude=[out, *sites])
+    roots = [Path(r) for r in results] if isinstance(results, (list, tuple)) else [Path(results)]
+    out = Path(out)
+    for root in roots:
+        _check_results(root, out)
+    _prepare_output(roots[0], out)
+    sites = [marker.parent for root in roots for marker in root.rglob(MARKER)]  # ours, inside results: no runs
+    data = read_results(roots, exclude=[out, *sites])
     pairs = _pairs(data.runs)
     run_slugs = _unique_slugs(run.name for run in data.runs)
     environment = _environment()
-    context = {"results_name": results.resolve().name, "levels": LEVELS, "tolerance": TOLERANCE,
-               "resamples": RESAMPLES, "seed": SEED, "no_loss_points": NO_LOSS_POINTS, "heatmap_level": heatmap_level,
+    context = {"results_name": ", ".join(root.resolve().name for root in roots), "levels": LEVELS,
+               "tolerance": TOLERANCE, "resamples": RESAMPLES, "seed": SEED, "no_loss_points": NO_LOSS_POINTS,
+               "heatmap_level": heatmap_level,
                "run_slugs": {run.name: slug for run, slug in zip(data.runs, run_slugs, strict=True)}}
 
     for name in STATIC:
@@ -330,11 +335,15 @@ def task_score(run: Run, task: str) -> object:
     return scores.get(metric) if isinstance(scores, dict) and isinstance(metric, str) else None
 
 
-def _prepare_output(results: Path, out: Path) -> None:
+def _check_results(results: Path, out: Path) -> None:
     if not results.is_dir():
         raise ConfigError(f"'{results}' is not a folder of results: check the path given to --results")
     if results.resolve().is_relative_to(out.resolve()):
         raise ConfigError(f"--out '{out}' holds the results folder: choose a folder of its own for the site")
+
+
+def _prepare_output(results: Path, out: Path) -> None:
+    _check_results(results, out)
     if out.exists():
         if not out.is_dir():
             raise ConfigError(f"--out '{out}' is a file: give a folder for the site")
