@@ -55,7 +55,7 @@ SWEEP_CASES = [
     (["--top_p", "2"], "--top_p must be in (0, 1]"),
     (["--max_new_tokens", "0"], "--max_new_tokens must be at least 1"),
     (["--max_context_length", "-5"], "--max_context_length must be at least 1"),
-    (["--ruler_length", "long"], "--ruler_length takes a whole number"),
+    (["--ruler_length", "long"], "--ruler_length takes whole numbers"),
     (["--compression_ratio", "half"], "--compression_ratio takes numbers"),
     (["--query_aware", "maybe"], "--query_aware is a switch"),
     (["--dtype", ""], "--dtype is empty"),
