@@ -2,8 +2,9 @@
 
 ``kvpress-eval [--FLAG VALUE ...]`` runs a sweep (see ``kvpress-eval --help``). Commands: ``presses`` (the press
 registry), ``smoke`` (every press on a tiny random model), ``export`` / ``import`` (kvpress's results layout),
-``train-kvzap`` (KVzap surrogates for a model), ``compare`` (results against a baseline; exit 1 on a regression),
-``leaderboard`` (the static site). Bad input ends with one line on stderr and exit code 2.
+``train-kvzap`` (KVzap surrogates for a model), ``build-duo-patterns``, ``build-qfilters`` and ``train-fastkvzip``
+(DuoAttention patterns, Q-Filters, Fast KVzip gates for a model), ``compare`` (results against a baseline; exit 1
+on a regression), ``leaderboard`` (the static site). Bad input ends with one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -123,6 +124,64 @@ def train_kvzap(output_dir: str, model: str = DEFAULT_MODEL, texts: str = "synth
     return "\n".join(rows)
 
 
+def _text_settings(texts: str, n_texts: int, min_text_tokens: int, max_text_tokens: int, seed: int,
+                   positions_per_text: int = 500):
+    from evaluation.kvzap.train import TrainSettings
+
+    if min(n_texts, min_text_tokens, positions_per_text) < 1 or max_text_tokens < min_text_tokens:
+        raise ConfigError("--n_texts, --min_text_tokens and --positions_per_text must be positive and "
+                          "--max_text_tokens at least --min_text_tokens")
+    return TrainSettings(texts=str(texts), n_texts=n_texts, positions_per_text=positions_per_text,
+                         min_text_tokens=min_text_tokens, max_text_tokens=max_text_tokens, seed=seed)
+
+
+def build_duo_patterns(output_dir: str, model: str = DEFAULT_MODEL, texts: str = "synthetic", n_texts: int = 50,
+                       min_text_tokens: int = 400, max_text_tokens: int = 1000, sink_size: int = 64,
+                       recent_size: int = 256, device: str | None = None, dtype: str = "float32", seed: int = 0) -> str:
+    """DuoAttention head patterns for --model into --output_dir/duo-attention (kvpress's on-the-fly scorer over
+    --texts: synthetic offline, nemotron online, or a local .txt/.jsonl file or folder)."""
+    from evaluation.artifacts.duo import build_duo_patterns as build
+    from evaluation.models import load_model
+
+    settings = _text_settings(texts, n_texts, min_text_tokens, max_text_tokens, seed)
+    if min(sink_size, recent_size) < 0:
+        raise ConfigError("--sink_size and --recent_size must be non-negative")
+    loaded, tokenizer = load_model(model, device, dtype, "sdpa")
+    return f"DuoAttention patterns in {build(loaded, tokenizer, output_dir, settings, sink_size, recent_size)}"
+
+
+def build_qfilters(output_dir: str, model: str = DEFAULT_MODEL, texts: str = "synthetic", n_texts: int = 50,
+                   min_text_tokens: int = 400, max_text_tokens: int = 1000, device: str | None = None,
+                   dtype: str = "float32", seed: int = 0) -> str:
+    """Q-Filters for --model into --output_dir/qfilters, from its queries over --texts (as build-duo-patterns)."""
+    from evaluation.artifacts.qfilters import build_qfilters as build
+    from evaluation.models import load_model
+
+    settings = _text_settings(texts, n_texts, min_text_tokens, max_text_tokens, seed)
+    loaded, tokenizer = load_model(model, device, dtype, "sdpa")
+    return f"Q-Filters in {build(loaded, tokenizer, output_dir, settings)}"
+
+
+def train_fastkvzip(output_dir: str, model: str = DEFAULT_MODEL, texts: str = "synthetic", n_texts: int = 200,
+                    positions_per_text: int = 500, min_text_tokens: int = 750, max_text_tokens: int = 1250,
+                    steps: int = 2000, device: str | None = None, dtype: str = "float32", seed: int = 0) -> str:
+    """Fast KVzip gates for --model into --output_dir/fastkvzip, trained on KVzip scores (train-kvzap's data path)."""
+    from evaluation.artifacts.fastkvzip import train_fastkvzip as train
+    from evaluation.models import load_model
+
+    settings = _text_settings(texts, n_texts, min_text_tokens, max_text_tokens, seed, positions_per_text)
+    if steps < 1:
+        raise ConfigError("--steps must be positive")
+    loaded, tokenizer = load_model(model, device, dtype, "sdpa")
+    report = train(loaded, tokenizer, output_dir, settings, steps)
+    rows = [f"{'layer':<6} {'BCE':>7} {'const BCE':>10} {'pearson':>8}"]
+    rows += [f"{i:<6} {b:>7.3f} {c:>10.3f} {r:>8.3f}"
+             for i, (b, c, r) in enumerate(zip(report["bce"], report["constant_bce"], report["pearson"], strict=True))]
+    rows.append(f"\n{report['train_pairs']} training pairs, {report['heldout_pairs']} held out, "
+                f"{report['wall_seconds']} s; gates in {output_dir}/fastkvzip")
+    return "\n".join(rows)
+
+
 def compare(baseline: str | None = None, results: str = "results/runs", tolerance: float | None = None,
             save: str | None = None) -> None:
     """Compare --results with --baseline (a results folder or a file written by --save); exit 1 on a regression.
@@ -154,7 +213,8 @@ def leaderboard(results: str = "results", out: str = "site") -> str:
 
 
 COMMANDS = {"presses": list_presses, "smoke": smoke, "export": export, "import": import_,
-            "train-kvzap": train_kvzap, "compare": compare, "leaderboard": leaderboard}
+            "train-kvzap": train_kvzap, "build-duo-patterns": build_duo_patterns, "build-qfilters": build_qfilters,
+            "train-fastkvzip": train_fastkvzip, "compare": compare, "leaderboard": leaderboard}
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ import yaml
 
 from evaluation.datasets.ruler_synthetic import RulerSources, resolve_tasks
 from presses import PRESSES, get_spec
+from presses.registry import KNOBS
 
 DEFAULT_MODEL = "kvtiny"
 
@@ -41,6 +42,8 @@ class EvalConfig:
                                      factory=True)
     threshold: list = option([-4.0], "points for threshold presses (kvzap_*): evict pairs scoring below",
                              factory=True)
+    head_compression_ratio: list = option([0.5], "points for head presses (duo_attention*): fraction of heads made "
+                                          "streaming heads, in [0, 1]", factory=True)
     dataset: list = option(["ruler"], "datasets: ruler, longbench, longbench_e, aime25", factory=True)
     ruler_length: int = option(1024, "context length in tokens of RULER generated offline")
     ruler_tasks: list = option([], "RULER tasks (default: every task that needs no data file)", factory=True)
@@ -84,12 +87,15 @@ def help_text() -> str:
               "  kvpress-eval import --source DIR --output_dir DIR  kvpress runs into this layout, rescored",
               "  kvpress-eval leaderboard --results DIR --out DIR   static site: accuracy versus compression",
               "  kvpress-eval compare --baseline B --results DIR    fails (exit 1) on a regression against B",
-              "  kvpress-eval train-kvzap --model M --output_dir D  KVzap surrogates for a model"]
+              "  kvpress-eval train-kvzap --model M --output_dir D  KVzap surrogates for a model",
+              "  kvpress-eval build-duo-patterns --model M --output_dir D   DuoAttention head patterns",
+              "  kvpress-eval build-qfilters --model M --output_dir D       Q-Filters",
+              "  kvpress-eval train-fastkvzip --model M --output_dir D      Fast KVzip gates"]
     return "\n".join(lines)
 
 
-LIST_FIELDS = ("press", "compression_ratio", "threshold", "dataset", "ruler_tasks")
-FLOAT_LIST_FIELDS = ("compression_ratio", "threshold")
+LIST_FIELDS = ("press", "compression_ratio", "threshold", "head_compression_ratio", "dataset", "ruler_tasks")
+FLOAT_LIST_FIELDS = ("compression_ratio", "threshold", "head_compression_ratio")
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(EvalConfig))
 
 
@@ -173,7 +179,7 @@ def _data_files(value, datasets: list[str]) -> dict[str, str]:
 def check_knobs(config: EvalConfig, given: set[str]) -> None:
     """A knob given explicitly must be taken by at least one press, or it would be silently ignored."""
     knobs = {get_spec(name).knob for name in config.press}
-    for knob in ("compression_ratio", "threshold"):
+    for knob in KNOBS:
         if knob in given and getattr(config, knob) and knob not in knobs:
             takers = sorted(name for name, spec in PRESSES.items() if spec.knob == knob)
             raise ConfigError(f"--{knob} is not taken by {', '.join(config.press)}: presses with a {knob} are "
@@ -184,6 +190,9 @@ def validate(config: EvalConfig) -> None:
     for ratio in config.compression_ratio:
         if not 0 <= ratio < 1:
             raise ConfigError(f"--compression_ratio must be in [0, 1) (fraction of KV pairs removed), got {ratio}")
+    for ratio in config.head_compression_ratio:
+        if not 0 <= ratio <= 1:
+            raise ConfigError(f"--head_compression_ratio must be in [0, 1] (fraction of heads), got {ratio}")
     if not config.press:
         raise ConfigError("no press given: pass --press (e.g. --press knorm,snapkv)")
     if not config.dataset:

@@ -68,7 +68,8 @@ def sweep_grid(config: EvalConfig) -> list[RunSpec]:
         get_dataset(dataset)
         for press in config.press:
             knob = get_spec(press).knob
-            points = {"compression_ratio": config.compression_ratio, "threshold": config.threshold}.get(knob, [None])
+            points = {"compression_ratio": config.compression_ratio, "threshold": config.threshold,
+                      "head_compression_ratio": config.head_compression_ratio}.get(knob, [None])
             if knob and not points:
                 raise ConfigError(f"press '{press}' needs --{knob} values (e.g. --{knob} "
                                   f"{'0.5' if knob == 'compression_ratio' else '-4'})")

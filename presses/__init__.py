@@ -14,8 +14,10 @@ from presses.base_press import BasePress, LayerInputs
 from presses.composed_press import ComposedPress
 from presses.decoding_press import DecodingPress
 from presses.dms_press import DMSPress, ThresholdPress
+from presses.duo_attention_press import DuoAttentionPress
 from presses.errors import PressError
 from presses.expected_attention_press import ExpectedAttentionPress
+from presses.fastkvzip_press import FastKVzipPress
 from presses.generation import Answer, GenerationSettings, answer_questions, decode
 from presses.keydiff_press import KeyDiffPress
 from presses.knorm_press import KnormPress
@@ -27,6 +29,7 @@ from presses.observed_attention_press import ObservedAttentionPress
 from presses.pipeline import KVPressTextGenerationPipeline, encode_prompt, register_pipeline
 from presses.prefill_decoding_press import PrefillDecodingPress
 from presses.pyramidkv_press import PyramidKVPress
+from presses.qfilter_press import QFilterPress
 from presses.random_press import RandomPress
 from presses.registry import PRESSES, build_press, get_spec, press_names
 from presses.scorer_press import ScorerPress
@@ -37,7 +40,8 @@ from presses.tova_press import TOVAPress
 register_pipeline()
 
 __all__ = [
-    "AdaKVPress", "Answer", "BasePress", "ComposedPress", "DMSPress", "DecodingPress", "ExpectedAttentionPress",
+    "AdaKVPress", "Answer", "BasePress", "ComposedPress", "DMSPress", "DecodingPress", "DuoAttentionPress",
+    "ExpectedAttentionPress", "FastKVzipPress", "QFilterPress",
     "GenerationSettings", "KVPressTextGenerationPipeline", "KVzapConfig", "KVzapModel", "KVzapPress", "KVzipPress",
     "KeyDiffPress", "KnormPress", "LagKVPress", "LayerInputs", "NoPress", "ObservedAttentionPress", "PRESSES",
     "PrefillDecodingPress", "PressError", "PyramidKVPress", "RandomPress", "ScorerPress", "SnapKVPress",

@@ -15,8 +15,10 @@ from presses.adakv_press import AdaKVPress
 from presses.base_press import BasePress
 from presses.decoding_press import DecodingPress
 from presses.dms_press import DMSPress
+from presses.duo_attention_press import DuoAttentionPress
 from presses.errors import PressError
 from presses.expected_attention_press import ExpectedAttentionPress
+from presses.fastkvzip_press import FastKVzipPress
 from presses.keydiff_press import KeyDiffPress
 from presses.knorm_press import KnormPress
 from presses.kvzap_press import KVzapPress
@@ -25,12 +27,13 @@ from presses.lagkv_press import LagKVPress
 from presses.no_press import NoPress
 from presses.observed_attention_press import ObservedAttentionPress
 from presses.pyramidkv_press import PyramidKVPress
+from presses.qfilter_press import QFilterPress
 from presses.random_press import RandomPress
 from presses.snapkv_press import SnapKVPress
 from presses.streaming_llm_press import StreamingLLMPress
 from presses.tova_press import TOVAPress
 
-KNOBS = ("compression_ratio", "threshold")
+KNOBS = ("compression_ratio", "threshold", "head_compression_ratio")
 
 
 @dataclass(frozen=True)
@@ -72,14 +75,15 @@ def get_spec(name: str) -> PressSpec:
 
 
 def build_press(name: str, compression_ratio: float | None = None, threshold: float | None = None,
-                **press_kwargs) -> BasePress:
-    """A fresh press from its registry name and its knob value (the other knob must stay None)."""
+                head_compression_ratio: float | None = None, **press_kwargs) -> BasePress:
+    """A fresh press from its registry name and its knob value (the other knobs must stay None)."""
     spec = get_spec(name)
     knob = spec.knob
-    given = {k: v for k, v in (("compression_ratio", compression_ratio), ("threshold", threshold)) if v is not None}
+    values = (compression_ratio, threshold, head_compression_ratio)
+    given = {k: v for k, v in zip(KNOBS, values, strict=True) if v is not None}
     wrong = [k for k in given if k != knob]
     if wrong:
-        takes = f"takes --{knob}" if knob else "takes neither --compression_ratio nor --threshold"
+        takes = f"takes --{knob}" if knob else f"takes none of {', '.join('--' + k for k in KNOBS)}"
         raise PressError(f"press '{name}' {takes}, not --{wrong[0]}: drop --{wrong[0]} for this press")
     return spec.factory(**given, **press_kwargs)
 
@@ -125,3 +129,11 @@ register("decoding_knorm", lambda **kw: DecodingPress(base_press=KnormPress(), *
          "knorm applied while decoding: every 512 steps, keep 2048 pairs per head")
 register("decoding_streaming_llm", lambda **kw: DecodingPress(base_press=StreamingLLMPress(), **kw),
          "StreamingLLM applied while decoding: every 512 steps, keep 2048 pairs per head")
+register("duo_attention", DuoAttentionPress,
+         "retrieval heads keep all, streaming heads sinks + recent window; published patterns (Xiao et al. 2025)")
+register("duo_attention_on_the_fly", lambda head_compression_ratio=0.0, **kw: DuoAttentionPress(
+    head_compression_ratio, on_the_fly_scoring=True, **kw), "DuoAttention with kvpress's on-the-fly head scores")
+register("qfilter", QFilterPress, "keys projected on the queries' principal direction (Godey et al. 2025)")
+register("decoding_qfilter", lambda **kw: DecodingPress(base_press=QFilterPress(), **kw),
+         "Q-Filters applied while decoding: every 512 steps, keep 2048 pairs per head")
+register("fastkvzip", FastKVzipPress, "gates trained on KVzip scores, evicted over all layers (Kim et al. 2026)")
