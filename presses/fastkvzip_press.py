@@ -97,6 +97,18 @@ def gates_from_state_dicts(state_dicts: list[dict], sink: int) -> list[FastKVzip
     return gates
 
 
+def _load_published(path: Path) -> list[dict]:
+    """The ``module`` list of a published file; safe loading, allowing the numpy training curves stored beside it."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    reconstruct = core.multiarray._reconstruct
+    allowed = [reconstruct, (reconstruct, "numpy.core.multiarray._reconstruct"), np.ndarray, np.dtype,
+               type(np.dtype(np.float64)), type(np.dtype(np.float32))]
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, map_location="cpu", weights_only=True)["module"]
+
+
 def default_gates(model_name_or_path: str) -> str:
     """``<model dir>/fastkvzip`` beside a local model, else the model's name (gates of ``Jang-Hyun/Fast-KVzip``)."""
     local = Path(model_name_or_path) / GATES_FOLDER
@@ -115,7 +127,7 @@ def load_gates(source: str, model: nn.Module) -> list[FastKVzipGate]:
 
             hub_file = f"{source.rstrip('/').split('/')[-1].lower()}/{name}"
             path = Path(hf_hub_download(repo_id=PUBLISHED_REPO, filename=hub_file, repo_type="model"))
-        state_dicts = torch.load(path, map_location="cpu", weights_only=True)["module"]
+        state_dicts = _load_published(path)
         sink = re.search(r"sink(\d+)", path.name)
         gates = gates_from_state_dicts(state_dicts, int(sink.group(1)) if sink else 0)
     except Exception as error:  # missing file, offline hub, bad pickle: one answer

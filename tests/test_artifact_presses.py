@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_model, random_ids
@@ -105,7 +106,7 @@ def published_gates(hidden: int, heads: int, group: int, dim: int, sink: int, la
 def test_fastkvzip_gates_in_the_published_layout_load_and_score(tmp_path):
     model = make_model("qwen3")
     state_dicts = published_gates(hidden=64, heads=2, group=2, dim=4, sink=3, layers=2)
-    torch.save({"module": state_dicts, "loss": [0.1]}, tmp_path / "q2_dim4_sink3.pt")
+    torch.save({"module": state_dicts, "loss": np.array([[0.5, 0.1]])}, tmp_path / "q2_dim4_sink3.pt")  # as published
     gates = load_gates(str(tmp_path / "q2_dim4_sink3.pt"), model)
     hidden = torch.randn(7, 64, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
