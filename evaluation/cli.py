@@ -37,7 +37,8 @@ def list_presses() -> str:
     return "\n".join([f"{'press':<26} {'knob':<18} description", *rows])
 
 
-def smoke(context_length: int = 512, compression_ratio: float = 0.5, threshold: float = 0.0, seed: int = 0) -> str:
+def smoke(context_length: int = 512, compression_ratio: float = 0.5, threshold: float = 0.0,
+          head_compression_ratio: float = 0.5, seed: int = 0) -> str:
     """Apply every press to a tiny random Qwen3 model (no download) and report achieved compression and time."""
     import tempfile
 
@@ -56,15 +57,18 @@ def smoke(context_length: int = 512, compression_ratio: float = 0.5, threshold: 
     model = Qwen3ForCausalLM(config).eval()
     context = torch.randint(0, 256, (1, context_length))
     question = torch.randint(0, 256, (1, 8))
-    rows = [f"{'press':<26} {'setting':<22} {'achieved':>9} {'seconds':>8}"]
+    rows = [f"{'press':<26} {'setting':<30} {'achieved':>9} {'seconds':>8}"]
     with tempfile.TemporaryDirectory() as surrogate_dir:
         for model_type, hidden in (("linear", None), ("mlp", 8)):
             KVzapModel(KVzapConfig(input_dim=64, output_dim=2, n_modules=2, hidden_dim=hidden)).save_pretrained(
                 f"{surrogate_dir}/{model_type}")
+        write_random_artifacts(model, surrogate_dir)  # found beside the model, as for a local model folder
+        model.name_or_path = surrogate_dir
         for name, spec in sorted(PRESSES.items()):
-            if name.startswith("kvzip"):
-                continue  # needs a tokenizer for its repeat prompt; covered by the tests
-            knob = {"compression_ratio": compression_ratio, "threshold": threshold}.get(spec.knob)
+            if name.startswith("kvzip") or name.endswith("on_the_fly"):
+                continue  # need a tokenizer (repeat prompt, calibration texts); covered by the tests
+            knob = {"compression_ratio": compression_ratio, "threshold": threshold,
+                    "head_compression_ratio": head_compression_ratio}.get(spec.knob)
             kwargs = {spec.knob: knob} if spec.knob else {}
             if name.startswith("kvzap"):
                 kwargs["checkpoint"] = f"{surrogate_dir}/{'linear' if name == 'kvzap_linear' else 'mlp'}"
@@ -72,8 +76,25 @@ def smoke(context_length: int = 512, compression_ratio: float = 0.5, threshold: 
             press = build_press(name, **kwargs)
             _, ratio = answer_questions(model, None, context, [question], press, GenerationSettings(max_new_tokens=8))
             setting = f"{spec.knob}={knob}" if spec.knob else "defaults"
-            rows.append(f"{name:<26} {setting:<22} {ratio:>9.3f} {time.perf_counter() - start:>8.2f}")
+            rows.append(f"{name:<26} {setting:<30} {ratio:>9.3f} {time.perf_counter() - start:>8.2f}")
     return "\n".join(rows)
+
+
+def write_random_artifacts(model, folder: str) -> None:
+    """Random DuoAttention patterns, Q-Filters and Fast KVzip gates for ``model`` in their default folders."""
+    import torch
+
+    from presses.duo_attention_press import PATTERNS_FOLDER, DuoPatterns, save_patterns
+    from presses.fastkvzip_press import GATES_FOLDER, FastKVzipGate, gate_file_name, save_gates
+    from presses.qfilter_press import QFILTERS_FOLDER, save_qfilters
+
+    config = model.config
+    layers, kv_heads = config.num_hidden_layers, config.num_key_value_heads
+    save_patterns(f"{folder}/{PATTERNS_FOLDER}", DuoPatterns(4, 16, torch.rand(layers, kv_heads)))
+    save_qfilters(f"{folder}/{QFILTERS_FOLDER}", torch.randn(layers, kv_heads, config.head_dim))
+    group = config.num_attention_heads // kv_heads
+    gates = [FastKVzipGate(config.hidden_size, 16, kv_heads, group, 16) for _ in range(layers)]
+    save_gates(f"{folder}/{GATES_FOLDER}/{gate_file_name(model)}", gates)
 
 
 def export(results: str = "results/runs", out: str = "kvpress_results") -> str:

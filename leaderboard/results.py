@@ -24,7 +24,7 @@ from evaluation.kvpress_format import KVPRESS_PREDICTIONS, find_runs, load_kvpre
 from evaluation.scoring import score_run
 
 REFERENCE_PRESS = "no_press"
-KNOBS = ("compression_ratio", "threshold")
+KNOBS = ("compression_ratio", "threshold", "head_compression_ratio")
 EXAMPLES_PER_RUN = 3
 OURS, KVPRESS = "kvpress-eval", "kvpress"
 

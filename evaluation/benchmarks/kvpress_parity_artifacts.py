@@ -6,7 +6,8 @@ Writes a tiny random Qwen3 model, random token ids and one artifact per press in
 folder; runs our presses here and kvpress's in a subprocess with the given interpreter (kvpress installed there), its
 loaders pointed at the local artifact files instead of the hub; prints the fraction of (layer, head, position)
 decisions that agree. kvpress's eviction is read from ``module.masked_key_indices`` (DuoAttention, Fast KVzip) and,
-for its top-k Q-Filter press, from the scores it computes (``n_kept = int(k_len * (1 - ratio))``, as here at 120 tokens).
+for its top-k Q-Filter press, from the scores it computes (``n_kept = int(k_len * (1 - ratio))``, as here at 120
+tokens).
 """
 
 from __future__ import annotations
