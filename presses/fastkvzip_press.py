@@ -151,8 +151,8 @@ class FastKVzipPress(BasePress):
     Fast KVzip (Kim et al., arXiv 2601.17668), as kvpress runs it: the first ``n_sink`` positions and the last
     ``int(window_ratio * n)`` (``window_size`` from 32,000 tokens) score 1, the gates' maximum. ``gates_path``: a
     ``.pt`` file, a folder or a model name; by default ``<model dir>/fastkvzip`` beside a local model, else the
-    model's gates in ``Jang-Hyun/Fast-KVzip``. kvpress falls back to random gates when none are published; here
-    that is an error naming the training command.
+    model's gates in ``Jang-Hyun/Fast-KVzip``. Deviations: every head keeps at least one pair (kvpress has no
+    safeguard), and missing gates are an error naming the training command (older kvpress used random gates).
     """
 
     compression_ratio: float = 0.0
@@ -204,6 +204,8 @@ class FastKVzipPress(BasePress):
             mask = torch.zeros_like(flat, dtype=torch.bool)
             mask[flat.topk(n_removed, largest=False).indices] = True
             evicted[group] = mask.view_as(scores[group])
+        emptied = evicted.all(dim=-1, keepdim=True)  # a head that lost every pair keeps its best one
+        evicted &= ~(emptied & torch.zeros_like(evicted).scatter_(-1, scores.argmax(-1, keepdim=True), True))
         for i, layer_idx in enumerate(self._layers[:-1]):
             self.layer_state(layer_idx)["evicted"] = evicted[i].to(layer.evicted.device)
         return evicted[-1].to(layer.evicted.device)

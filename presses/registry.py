@@ -83,7 +83,7 @@ def build_press(name: str, compression_ratio: float | None = None, threshold: fl
     given = {k: v for k, v in zip(KNOBS, values, strict=True) if v is not None}
     wrong = [k for k in given if k != knob]
     if wrong:
-        takes = f"takes --{knob}" if knob else f"takes none of {', '.join('--' + k for k in KNOBS)}"
+        takes = f"takes --{knob}" if knob else f"takes neither {' nor '.join('--' + k for k in KNOBS)}"
         raise PressError(f"press '{name}' {takes}, not --{wrong[0]}: drop --{wrong[0]} for this press")
     return spec.factory(**given, **press_kwargs)
 
