@@ -18,7 +18,8 @@ from presses.generation import GenerationSettings, answer_questions
 from presses.pipeline import encode_prompt
 
 PRESSES = (("no_press", {}), ("random", {"compression_ratio": 0.5, "seed": 0}),
-           ("duo_attention", {"head_compression_ratio": 0.5}), ("qfilter", {"compression_ratio": 0.5}),
+           ("duo_attention", {"head_compression_ratio": 0.5}),
+           ("duo_attention_on_the_fly", {"head_compression_ratio": 0.5}), ("qfilter", {"compression_ratio": 0.5}),
            ("fastkvzip", {"compression_ratio": 0.5}), ("kvzip", {"compression_ratio": 0.5}),
            ("kvzap_mlp_head", {"compression_ratio": 0.5}), ("kvzap_mlp", {"threshold": -4.0}))
 
@@ -42,11 +43,11 @@ def main(n: int = 50, seed: int = 2025, length: int = 1024, presses: str | tuple
     records = generate_task("niah_single_1", tokenizer, length, n, seed=seed)
     names = presses.split(",") if isinstance(presses, str) else presses
     chosen = [p for p in PRESSES if names is None or p[0] in names]
-    print(f"{'press':<16} {'setting':<28} {'accuracy':>8} {'achieved':>9}")
+    print(f"{'press':<26} {'setting':<28} {'accuracy':>8} {'achieved':>9}")
     for name, kwargs in chosen:
         accuracy, achieved = needle_accuracy(model, tokenizer, name, kwargs, records)
         setting = ", ".join(f"{k}={v}" for k, v in kwargs.items() if k != "seed") or "-"
-        print(f"{name:<16} {setting:<28} {accuracy:>8.1f} {achieved:>9.3f}", flush=True)
+        print(f"{name:<26} {setting:<28} {accuracy:>8.1f} {achieved:>9.3f}", flush=True)
 
 
 if __name__ == "__main__":
