@@ -76,10 +76,10 @@ class EvalConfig:
 
 def help_text() -> str:
     lines = ["kvpress-eval [--config sweep.yaml] [--FLAG VALUE ...]   (lists: comma-separated)", "",
-             "  --config              YAML file of settings; flags given here override it"]
+             "  --config                 YAML file of settings; flags given here override it"]
     for item in dataclasses.fields(EvalConfig):
         default = item.default if item.default_factory is dataclasses.MISSING else item.default_factory()
-        lines.append(f"  --{item.name:<20}{item.metadata['help']} [default: {default}]")
+        lines.append(f"  --{item.name:<23}{item.metadata['help']} [default: {default}]")
     lines += ["", "Other commands:",
               "  kvpress-eval presses                               the press registry, with each press's knob",
               "  kvpress-eval smoke                                 every press on a tiny random model",
