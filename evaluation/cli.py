@@ -2,8 +2,9 @@
 
 ``kvpress-eval [--FLAG VALUE ...]`` runs a sweep (see ``kvpress-eval --help``). Commands: ``presses`` (the press
 registry), ``smoke`` (every press on a tiny random model), ``export`` / ``import`` (kvpress's results layout),
-``train-kvzap`` (KVzap surrogates for a model), ``compare`` (results against a baseline; exit 1 on a regression),
-``leaderboard`` (the static site). Bad input ends with one line on stderr and exit code 2.
+``train-kvzap`` (KVzap surrogates for a model), ``build-duo-patterns``, ``build-qfilters`` and ``train-fastkvzip``
+(DuoAttention patterns, Q-Filters, Fast KVzip gates for a model), ``compare`` (results against a baseline; exit 1
+on a regression), ``leaderboard`` (the static site). Bad input ends with one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -101,7 +102,8 @@ def list_presses() -> str:
 
 
 @checked
-def smoke(context_length: int = 512, compression_ratio: float = 0.5, threshold: float = 0.0, seed: int = 0) -> str:
+def smoke(context_length: int = 512, compression_ratio: float = 0.5, threshold: float = 0.0,
+          head_compression_ratio: float = 0.5, seed: int = 0) -> str:
     """Apply every press to a tiny random Qwen3 model (no download) and report achieved compression and time."""
     if not 16 <= context_length <= 4096:
         raise ConfigError(f"smoke: --context_length must be in [16, 4096] tokens, got {context_length}")
@@ -127,15 +129,18 @@ def smoke(context_length: int = 512, compression_ratio: float = 0.5, threshold: 
     model = Qwen3ForCausalLM(config).eval()
     context = torch.randint(0, 256, (1, context_length))
     question = torch.randint(0, 256, (1, 8))
-    rows = [f"{'press':<26} {'setting':<22} {'achieved':>9} {'seconds':>8}"]
+    rows = [f"{'press':<26} {'setting':<30} {'achieved':>9} {'seconds':>8}"]
     with tempfile.TemporaryDirectory() as surrogate_dir:
         for model_type, hidden in (("linear", None), ("mlp", 8)):
             KVzapModel(KVzapConfig(input_dim=64, output_dim=2, n_modules=2, hidden_dim=hidden)).save_pretrained(
                 f"{surrogate_dir}/{model_type}")
+        write_random_artifacts(model, surrogate_dir)  # found beside the model, as for a local model folder
+        model.name_or_path = surrogate_dir
         for name, spec in sorted(PRESSES.items()):
-            if name.startswith("kvzip"):
-                continue  # needs a tokenizer for its repeat prompt; covered by the tests
-            knob = threshold if spec.knob == "threshold" else compression_ratio
+            if name.startswith("kvzip") or name.endswith("on_the_fly"):
+                continue  # need a tokenizer (repeat prompt, calibration texts); covered by the tests
+            knob = {"compression_ratio": compression_ratio, "threshold": threshold,
+                    "head_compression_ratio": head_compression_ratio}.get(spec.knob)
             kwargs = {spec.knob: knob} if spec.knob else {}
             if "kvzap" in name:
                 kwargs["checkpoint"] = f"{surrogate_dir}/{'linear' if name == 'kvzap_linear' else 'mlp'}"
@@ -147,8 +152,25 @@ def smoke(context_length: int = 512, compression_ratio: float = 0.5, threshold: 
             press = build_press(name, **kwargs)
             _, ratio = answer_questions(model, None, context, [question], press, GenerationSettings(max_new_tokens=8))
             setting = f"{spec.knob}={knob}" if spec.knob else "defaults"
-            rows.append(f"{name:<26} {setting:<22} {ratio:>9.3f} {time.perf_counter() - start:>8.2f}")
+            rows.append(f"{name:<26} {setting:<30} {ratio:>9.3f} {time.perf_counter() - start:>8.2f}")
     return "\n".join(rows)
+
+
+def write_random_artifacts(model, folder: str) -> None:
+    """Random DuoAttention patterns, Q-Filters and Fast KVzip gates for ``model`` in their default folders."""
+    import torch
+
+    from presses.duo_attention_press import PATTERNS_FOLDER, DuoPatterns, save_patterns
+    from presses.fastkvzip_press import GATES_FOLDER, FastKVzipGate, gate_file_name, save_gates
+    from presses.qfilter_press import QFILTERS_FOLDER, save_qfilters
+
+    config = model.config
+    layers, kv_heads = config.num_hidden_layers, config.num_key_value_heads
+    save_patterns(f"{folder}/{PATTERNS_FOLDER}", DuoPatterns(4, 16, torch.rand(layers, kv_heads)))
+    save_qfilters(f"{folder}/{QFILTERS_FOLDER}", torch.randn(layers, kv_heads, config.head_dim))
+    group = config.num_attention_heads // kv_heads
+    gates = [FastKVzipGate(config.hidden_size, 16, kv_heads, group, 16) for _ in range(layers)]
+    save_gates(f"{folder}/{GATES_FOLDER}/{gate_file_name(model)}", gates)
 
 
 @checked
@@ -215,6 +237,67 @@ def train_kvzap(output_dir: str, model: str = DEFAULT_MODEL, texts: str = "synth
     return "\n".join(rows)
 
 
+def _text_settings(texts: str, n_texts: int, min_text_tokens: int, max_text_tokens: int, seed: int,
+                   positions_per_text: int = 500):
+    from evaluation.kvzap.train import TrainSettings
+
+    if min(n_texts, min_text_tokens, positions_per_text) < 1 or max_text_tokens < min_text_tokens:
+        raise ConfigError("--n_texts, --min_text_tokens and --positions_per_text must be positive and "
+                          "--max_text_tokens at least --min_text_tokens")
+    return TrainSettings(texts=str(texts), n_texts=n_texts, positions_per_text=positions_per_text,
+                         min_text_tokens=min_text_tokens, max_text_tokens=max_text_tokens, seed=seed)
+
+
+@checked
+def build_duo_patterns(output_dir: str, model: str = DEFAULT_MODEL, texts: str = "synthetic", n_texts: int = 50,
+                       min_text_tokens: int = 400, max_text_tokens: int = 1000, sink_size: int = 64,
+                       recent_size: int = 256, device: str | None = None, dtype: str = "float32", seed: int = 0) -> str:
+    """DuoAttention head patterns for --model into --output_dir/duo-attention (kvpress's on-the-fly scorer over
+    --texts: synthetic offline, nemotron online, or a local .txt/.jsonl file or folder)."""
+    from evaluation.artifacts.duo import build_duo_patterns as build
+    from evaluation.models import load_model
+
+    settings = _text_settings(texts, n_texts, min_text_tokens, max_text_tokens, seed)
+    if min(sink_size, recent_size) < 0:
+        raise ConfigError("--sink_size and --recent_size must be non-negative")
+    loaded, tokenizer = load_model(model, device, dtype, "sdpa")
+    return f"DuoAttention patterns in {build(loaded, tokenizer, output_dir, settings, sink_size, recent_size)}"
+
+
+@checked
+def build_qfilters(output_dir: str, model: str = DEFAULT_MODEL, texts: str = "synthetic", n_texts: int = 50,
+                   min_text_tokens: int = 400, max_text_tokens: int = 1000, device: str | None = None,
+                   dtype: str = "float32", seed: int = 0) -> str:
+    """Q-Filters for --model into --output_dir/qfilters, from its queries over --texts (as build-duo-patterns)."""
+    from evaluation.artifacts.qfilters import build_qfilters as build
+    from evaluation.models import load_model
+
+    settings = _text_settings(texts, n_texts, min_text_tokens, max_text_tokens, seed)
+    loaded, tokenizer = load_model(model, device, dtype, "sdpa")
+    return f"Q-Filters in {build(loaded, tokenizer, output_dir, settings)}"
+
+
+@checked
+def train_fastkvzip(output_dir: str, model: str = DEFAULT_MODEL, texts: str = "synthetic", n_texts: int = 200,
+                    positions_per_text: int = 500, min_text_tokens: int = 750, max_text_tokens: int = 1250,
+                    steps: int = 2000, device: str | None = None, dtype: str = "float32", seed: int = 0) -> str:
+    """Fast KVzip gates for --model into --output_dir/fastkvzip, trained on KVzip scores (train-kvzap's data path)."""
+    from evaluation.artifacts.fastkvzip import train_fastkvzip as train
+    from evaluation.models import load_model
+
+    settings = _text_settings(texts, n_texts, min_text_tokens, max_text_tokens, seed, positions_per_text)
+    if steps < 1:
+        raise ConfigError("--steps must be positive")
+    loaded, tokenizer = load_model(model, device, dtype, "sdpa")
+    report = train(loaded, tokenizer, output_dir, settings, steps)
+    rows = [f"{'layer':<6} {'BCE':>7} {'const BCE':>10} {'pearson':>8}"]
+    rows += [f"{i:<6} {b:>7.3f} {c:>10.3f} {r:>8.3f}"
+             for i, (b, c, r) in enumerate(zip(report["bce"], report["constant_bce"], report["pearson"], strict=True))]
+    rows.append(f"\n{report['train_pairs']} training pairs, {report['heldout_pairs']} held out, "
+                f"{report['wall_seconds']} s; gates in {output_dir}/fastkvzip")
+    return "\n".join(rows)
+
+
 @checked
 def compare(baseline: str | None = None, results: paths = "results/runs", tolerance: float | None = None,
             save: str | None = None) -> None:
@@ -256,7 +339,8 @@ def leaderboard(results: paths = "results", out: str = "site") -> str:
 
 
 COMMANDS = {"presses": list_presses, "smoke": smoke, "export": export, "import": import_,
-            "train-kvzap": train_kvzap, "compare": compare, "leaderboard": leaderboard}
+            "train-kvzap": train_kvzap, "build-duo-patterns": build_duo_patterns, "build-qfilters": build_qfilters,
+            "train-fastkvzip": train_fastkvzip, "compare": compare, "leaderboard": leaderboard}
 
 
 def main() -> None:

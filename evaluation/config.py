@@ -46,6 +46,8 @@ class EvalConfig:
                              factory=True)
     key_channel_compression_ratio: list = option([0.5], "points for key-channel presses (think): fraction of key "
                                                  "channels zeroed, in [0, 1)", factory=True)
+    head_compression_ratio: list = option([0.5], "points for head presses (duo_attention*): fraction of heads made "
+                                          "streaming heads, in [0, 1]", factory=True)
     dataset: list = option(["ruler"], "datasets: ruler, longbench, longbench_e (or longbench-e), longbench-v2, "
                            "loogle, zero_scrolls, infinitebench, needle_in_haystack, aime25, math500", factory=True)
     ruler_length: int | list = option(1024, "context length in tokens of RULER generated offline; several "
@@ -101,10 +103,10 @@ class EvalConfig:
 
 def help_text() -> str:
     lines = ["kvpress-eval [--config sweep.yaml] [--FLAG VALUE ...]   (lists: comma-separated)", "",
-             "  --config              YAML file of settings; flags given here override it"]
+             "  --config                 YAML file of settings; flags given here override it"]
     for item in dataclasses.fields(EvalConfig):
         default = item.default if item.default_factory is dataclasses.MISSING else item.default_factory()
-        lines.append(f"  --{item.name:<20}{item.metadata['help']} [default: {default}]")
+        lines.append(f"  --{item.name:<23}{item.metadata['help']} [default: {default}]")
     lines += ["", "Other commands:",
               "  kvpress-eval presses                               the press registry, with each press's knob",
               "  kvpress-eval smoke                                 every press on a tiny random model",
@@ -112,7 +114,10 @@ def help_text() -> str:
               "  kvpress-eval import --source DIR --output_dir DIR  kvpress runs into this layout, rescored",
               "  kvpress-eval leaderboard --results DIR --out DIR   static site: accuracy versus compression",
               "  kvpress-eval compare --baseline B --results DIR    fails (exit 1) on a regression against B",
-              "  kvpress-eval train-kvzap --model M --output_dir D  KVzap surrogates for a model"]
+              "  kvpress-eval train-kvzap --model M --output_dir D  KVzap surrogates for a model",
+              "  kvpress-eval build-duo-patterns --model M --output_dir D   DuoAttention head patterns",
+              "  kvpress-eval build-qfilters --model M --output_dir D       Q-Filters",
+              "  kvpress-eval train-fastkvzip --model M --output_dir D      Fast KVzip gates"]
     return "\n".join(lines)
 
 
@@ -338,6 +343,9 @@ def validate(config: EvalConfig) -> None:
         if not 0 <= ratio < 1:
             raise ConfigError(f"--key_channel_compression_ratio must be in [0, 1) (fraction of key channels "
                               f"zeroed), got {ratio}")
+    for ratio in config.head_compression_ratio:
+        if not 0 <= ratio <= 1:
+            raise ConfigError(f"--head_compression_ratio must be in [0, 1] (fraction of heads), got {ratio}")
     if not config.press:
         raise ConfigError("no press given: pass --press (e.g. --press knorm,snapkv)")
     if not config.dataset:

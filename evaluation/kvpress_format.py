@@ -117,6 +117,7 @@ def export_run(folder: Path, out: Path) -> Path:
               "threshold": value if knob == "threshold" else None,
               "key_channel_compression_ratio": value if knob == "key_channel_compression_ratio" else None,
               "fraction": settings.get("fraction", 1.0),
+              **({"head_compression_ratio": value} if knob == "head_compression_ratio" else {}),
               "max_new_tokens": identity.get("max_new_tokens"),
               "max_context_length": identity.get("max_context_length"), "query_aware": identity.get("query_aware"),
               "seed": settings.get("seed"), "press_init_command": identity.get("press"), "output_dir": str(out)}

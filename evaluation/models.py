@@ -32,8 +32,8 @@ def resolve_model_path(name: str) -> str:
 
 def model_fingerprint(name: str) -> str:
     """What identifies the model's weights in a run id: for a local folder (embedded models included) a hash of its
-    config and weight files, KVzap surrogates shipped beside it included, so retrained weights never resume an old
-    run; for a hub name, the name itself.
+    config and weight files, press artifacts shipped beside it included (KVzap surrogates, DuoAttention patterns,
+    Q-Filters, Fast KVzip gates), so retrained weights never resume an old run; for a hub name, the name itself.
 
     Weight files over 256 MiB are identified by name, size and modification time rather than read whole.
     """
@@ -41,7 +41,8 @@ def model_fingerprint(name: str) -> str:
     if not path.is_dir():
         return name
     digest = hashlib.sha256()
-    for file in sorted(path.rglob("*.json")) + sorted(path.rglob("*.safetensors")):  # KVzap surrogates beside it too
+    files = [file for pattern in ("*.json", "*.safetensors", "*.tsv", "*.pt") for file in sorted(path.rglob(pattern))]
+    for file in files:  # KVzap surrogates, DuoAttention patterns, Q-Filters, Fast KVzip gates beside it too
         digest.update(str(file.relative_to(path)).encode())
         if file.stat().st_size <= 256 * 2**20:
             digest.update(file.read_bytes())

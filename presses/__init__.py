@@ -23,9 +23,11 @@ from presses.criticalkv_press import CriticalAdaKVPress, CriticalKVPress
 from presses.cur_press import CURPress
 from presses.decoding_press import DecodingPress
 from presses.dms_press import DMSPress, ThresholdPress
+from presses.duo_attention_press import DuoAttentionPress
 from presses.errors import PressError
 from presses.expected_attention_press import ExpectedAttentionPress
 from presses.expected_attention_stats_press import ExpectedAttentionStatsPress
+from presses.fastkvzip_press import FastKVzipPress
 from presses.generation import Answer, GenerationSettings, answer_questions, decode
 from presses.key_rerotation_press import KeyRerotationPress
 from presses.keydiff_press import KeyDiffPress
@@ -44,6 +46,7 @@ from presses.per_layer_compression_press import PerLayerCompressionPress
 from presses.pipeline import KVPressTextGenerationPipeline, encode_prompt, register_pipeline
 from presses.prefill_decoding_press import PrefillDecodingPress
 from presses.pyramidkv_press import PyramidKVPress
+from presses.qfilter_press import QFilterPress
 from presses.random_press import RandomPress
 from presses.registry import PRESSES, build_press, get_spec, press_names
 from presses.scorer_press import ScorerPress
@@ -58,11 +61,12 @@ register_pipeline()
 __all__ = [
     "AdaKVPress", "Answer", "BasePress", "BlockPress", "CAMPress", "CURPress", "CapPress", "ChunkKVPress",
     "ChunkPress", "CompactorPress", "ComposedPress", "CompressionRatioDecodingPress", "CriticalAdaKVPress",
-    "CriticalKVPress", "DMSPress", "DecodingPress", "ExpectedAttentionPress", "ExpectedAttentionStatsPress",
-    "GenerationSettings", "KVComposePress", "KVPressTextGenerationPipeline", "KVzapConfig", "KVzapModel",
-    "KVzapPress", "KVzipPress", "KeyDiffPress", "KeyRerotationPress", "KnormPress", "LUKVPress", "LagKVPress",
-    "LayerInputs", "LeverageScorePress", "MergingPress", "NoPress", "NonCausalAttnPress", "ObservedAttentionPress",
-    "PRESSES", "PerLayerCompressionPress", "PrefillDecodingPress", "PressError", "PyramidKVPress", "RandomPress",
-    "ScorerPress", "SimLayerKVPress", "SnapKVPress", "StreamingLLMPress", "TOVAPress", "ThinKPress", "ThresholdPress",
+    "CriticalKVPress", "DMSPress", "DecodingPress", "DuoAttentionPress", "ExpectedAttentionPress",
+    "ExpectedAttentionStatsPress", "FastKVzipPress", "GenerationSettings", "KVComposePress",
+    "KVPressTextGenerationPipeline", "KVzapConfig", "KVzapModel", "KVzapPress", "KVzipPress", "KeyDiffPress",
+    "KeyRerotationPress", "KnormPress", "LUKVPress", "LagKVPress", "LayerInputs", "LeverageScorePress",
+    "MergingPress", "NoPress", "NonCausalAttnPress", "ObservedAttentionPress", "PRESSES", "PerLayerCompressionPress",
+    "PrefillDecodingPress", "PressError", "PyramidKVPress", "QFilterPress", "RandomPress", "ScorerPress",
+    "SimLayerKVPress", "SnapKVPress", "StreamingLLMPress", "TOVAPress", "ThinKPress", "ThresholdPress",
     "answer_questions", "build_press", "decode", "encode_prompt", "get_spec", "press_names",
 ]

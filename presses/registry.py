@@ -26,8 +26,10 @@ from presses.criticalkv_press import CriticalAdaKVPress, CriticalKVPress
 from presses.cur_press import CURPress
 from presses.decoding_press import DecodingPress
 from presses.dms_press import DMSPress
+from presses.duo_attention_press import DuoAttentionPress
 from presses.errors import PressError
 from presses.expected_attention_press import ExpectedAttentionPress
+from presses.fastkvzip_press import FastKVzipPress
 from presses.keydiff_press import KeyDiffPress
 from presses.knorm_press import KnormPress
 from presses.kvcompose_press import KVComposePress
@@ -41,6 +43,7 @@ from presses.no_press import NoPress
 from presses.non_causal_attention_press import NonCausalAttnPress
 from presses.observed_attention_press import ObservedAttentionPress
 from presses.pyramidkv_press import PyramidKVPress
+from presses.qfilter_press import QFilterPress
 from presses.random_press import RandomPress
 from presses.simlayerkv_press import SimLayerKVPress
 from presses.snapkv_press import SnapKVPress
@@ -49,7 +52,7 @@ from presses.think_press import ThinKPress
 from presses.tova_press import TOVAPress
 
 # Every sweep knob a press can declare; the CLI has one list option per knob.
-KNOBS = ("compression_ratio", "threshold", "key_channel_compression_ratio")
+KNOBS = ("compression_ratio", "threshold", "key_channel_compression_ratio", "head_compression_ratio")
 
 
 @dataclass(frozen=True)
@@ -226,9 +229,16 @@ def _merging_kvzap(compression_ratio: float = 0.0, checkpoint: str | None = None
 
 
 register("merging_kvzap_mlp", _merging_kvzap, "KVzap MLP scores top-k, evicted values merged into similar kept ones")
+register("duo_attention", DuoAttentionPress,
+         "retrieval heads keep all, streaming heads sinks + recent window; published patterns (Xiao et al. 2025)")
+register("duo_attention_on_the_fly", lambda head_compression_ratio=0.0, **kw: DuoAttentionPress(
+    head_compression_ratio, on_the_fly_scoring=True, **kw), "DuoAttention with kvpress's on-the-fly head scores")
+register("qfilter", QFilterPress, "keys projected on the queries' principal direction (Godey et al. 2025)")
+register("decoding_qfilter", lambda **kw: DecodingPress(base_press=QFilterPress(), **kw),
+         "Q-Filters applied while decoding: every 512 steps, keep 2048 pairs per head")
+register("fastkvzip", FastKVzipPress, "gates trained on KVzip scores, evicted over all layers (Kim et al. 2026)")
 
-# kvpress's evaluate_registry.py names present here (kvpress's DuoAttention/QFilter/FastKVzip names come with those
-# presses). Each means what it means in kvpress.
+# kvpress's evaluate_registry.py names present here. Each means what it means in kvpress.
 KVPRESS_NAMES = frozenset({
     "adakv_snapkv", "block_keydiff", "chunkkv", "critical_adakv_expected_attention", "critical_adakv_snapkv",
     "critical_expected_attention", "critical_snapkv", "cur", "expected_attention", "keydiff", "kvzip",
@@ -239,5 +249,5 @@ KVPRESS_NAMES = frozenset({
     "cam_streaming_llm", "cam_knorm", "cam_adakv_snapkv", "cam_tova", "kvcompose", "kvcompose_unstructured",
     "lukv",
     "compactor", "adakv_compactor", "merging_knorm", "merging_snapkv", "merging_expected_attention",
-    "merging_kvzap_mlp",
+    "merging_kvzap_mlp", "duo_attention", "duo_attention_on_the_fly", "qfilter", "decoding_qfilter", "fastkvzip",
 })

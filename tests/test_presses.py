@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
+import shutil
+import tempfile
 
 import pytest
 import torch
 from conftest import make_model, random_ids
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel
 
+from evaluation.cli import write_random_artifacts
 from presses import (
     PRESSES,
     AdaKVPress,
@@ -23,6 +27,7 @@ from presses import (
     build_press,
 )
 from presses.compat import model_cache_kwarg
+from presses.registry import KNOBS
 
 RATIO_PRESSES = [name for name, spec in sorted(PRESSES.items()) if spec.knob == "compression_ratio"]
 THRESHOLD_PRESSES = [name for name, spec in sorted(PRESSES.items()) if spec.knob == "threshold"]
@@ -33,8 +38,19 @@ CHUNK_TOKENS = {"chunkkv": 20}
 
 
 @functools.cache
+def artifact_dir() -> str:
+    """Random DuoAttention patterns, Q-Filters and Fast KVzip gates for the test models (all share one shape)."""
+    folder = tempfile.mkdtemp(prefix="press-artifacts-")
+    atexit.register(shutil.rmtree, folder, True)
+    write_random_artifacts(make_model("qwen3"), folder)
+    return folder
+
+
+@functools.cache
 def cached_model(architecture: str, attn_implementation: str = "sdpa"):
-    return make_model(architecture, attn_implementation)
+    model = make_model(architecture, attn_implementation)
+    model.name_or_path = artifact_dir()  # presses with per-model artifacts find them beside the model
+    return model
 
 
 @functools.cache
@@ -157,7 +173,7 @@ def test_presses_without_knob_run(name, tokenizer, surrogate_root):
 
 def test_knob_is_declared_by_every_press():
     for name, spec in PRESSES.items():
-        assert spec.knob in ("compression_ratio", "threshold", "key_channel_compression_ratio", None), name
+        assert spec.knob in (*KNOBS, None), name
     assert {"kvzap_mlp", "kvzap_linear"} <= set(THRESHOLD_PRESSES)
     assert {"knorm", "snapkv", "kvzap_mlp_head", "kvzap_mlp_layer", "adakv_snapkv"} <= set(RATIO_PRESSES)
 

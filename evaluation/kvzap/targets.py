@@ -64,8 +64,11 @@ def repeat_prompt(tokenizer, text: str) -> tuple[torch.Tensor, list[int], slice]
 
 @torch.no_grad()
 def collect_targets(model: nn.Module, tokenizer, text: str, n_positions: int,
-                    generator: torch.Generator) -> TextTargets:
-    """KVzip+ targets of ``n_positions`` random tokens of ``text`` (all of them if it has fewer), every layer."""
+                    generator: torch.Generator, plus_normalization: bool = True) -> TextTargets:
+    """KVzip+ targets of ``n_positions`` random tokens of ``text`` (all of them if it has fewer), every layer.
+
+    With ``plus_normalization=False`` the targets are log plain KVzip scores (max attention; Fast KVzip's target).
+    """
     input_ids, original, repeated = repeat_prompt(tokenizer, text)
     device = next(model.parameters()).device
     modules = compat.attention_modules(model)
@@ -79,7 +82,7 @@ def collect_targets(model: nn.Module, tokenizer, text: str, n_positions: int,
         keys, values = compat.keys_values(compat.cache_from_kwargs(kwargs), module.layer_idx)
         cos, sin = kwargs["position_embeddings"]
         scores = kvzip_scores(module, states[:, repeated], (cos[:, repeated], sin[:, repeated]), keys, values,
-                              slice(0, repeated.start), plus_normalization=True)
+                              slice(0, repeated.start), plus_normalization=plus_normalization)
         targets[module.layer_idx] = scores[0][:, chosen.to(scores.device)].clamp_min(SCORE_FLOOR).log().T.cpu()
         hidden[module.layer_idx] = states[0, chosen.to(states.device)].float().cpu()
 

@@ -224,11 +224,13 @@ def fit_report(y_true: torch.Tensor, y_pred: torch.Tensor) -> dict[str, list[flo
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def collect(model, tokenizer, texts: list[str], settings: TrainSettings) -> tuple[torch.Tensor, torch.Tensor]:
+def collect(model, tokenizer, texts: list[str], settings: TrainSettings,
+            plus_normalization: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden (n, layers, hidden_size), log KVzip+ or KVzip targets (n, layers, kv_heads)) of all ``texts``."""
     generator = torch.Generator().manual_seed(settings.seed)
     hidden, targets = [], []
-    for text in tqdm(texts, desc="KVzip+ targets", unit="text", leave=False):
-        pairs = collect_targets(model, tokenizer, text, settings.positions_per_text, generator)
+    for text in tqdm(texts, desc="KVzip targets", unit="text", leave=False):
+        pairs = collect_targets(model, tokenizer, text, settings.positions_per_text, generator, plus_normalization)
         hidden.append(pairs.hidden)
         targets.append(pairs.targets)
     return torch.cat(hidden), torch.cat(targets)
