@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from presses import compat
-from presses.base_press import BasePress, LayerInputs
+from presses.base_press import BasePress, LayerInputs, presses_paused
 from presses.errors import PressError
 
 PATTERNS_FILE = "full_attention_heads.tsv"
@@ -233,5 +233,6 @@ def _cached_on_the_fly(model: nn.Module, tokenizer, n_texts: int) -> torch.Tenso
     key = (model.name_or_path, id(model), n_texts)
     if key not in _ON_THE_FLY:
         _ON_THE_FLY.clear()
-        _ON_THE_FLY[key] = on_the_fly_head_scores(model, calibration_contexts(model, tokenizer, n_texts))
+        with presses_paused():  # presses already attached (the sweep engine's) must not see the calibration
+            _ON_THE_FLY[key] = on_the_fly_head_scores(model, calibration_contexts(model, tokenizer, n_texts))
     return _ON_THE_FLY[key]

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from presses import compat
-from presses.base_press import BasePress, LayerInputs, n_kept_pairs, validate_ratio
+from presses.base_press import BasePress, LayerInputs, n_kept_pairs, presses_paused, validate_ratio
 from presses.errors import PressError
 
 AGGREGATIONS = ("max", "mean")
@@ -80,7 +80,7 @@ class KVComposePress(BasePress):
         return layer.evicted  # decided over all layers at once, after the whole prefill
 
     def _after_prefill(self, base: nn.Module, args: tuple, kwargs: dict, output) -> None:
-        if self._scoring or self.compression_ratio == 0:
+        if self._scoring or self.compression_ratio == 0 or not self.hooks_active:
             return
         cache = compat.cache_from_output(output)
         if cache is None:
@@ -125,7 +125,8 @@ class KVComposePress(BasePress):
 
         handles = [module.register_forward_hook(hook, with_kwargs=True) for module in self._modules]
         try:
-            self._base_model(input_ids=input_ids, **{compat.model_cache_kwarg(): cache}, use_cache=True)
+            with presses_paused():  # other presses on the model must not see the re-read
+                self._base_model(input_ids=input_ids, **{compat.model_cache_kwarg(): cache}, use_cache=True)
         finally:
             for handle in handles:
                 handle.remove()

@@ -21,9 +21,10 @@ from tqdm import tqdm
 from evaluation.cache import PREDICTIONS_FILE, PredictionCache
 from evaluation.config import EvalConfig
 from evaluation.datasets.registry import load_records
-from evaluation.engine import PreparedRun, execute, execute_sequentially
+from evaluation.engine import PreparedRun, engine_refusal, execute, execute_sequentially
 from evaluation.models import load_model
 from presses import (
+    PRESSES,
     AdaKVPress,
     DecodingPress,
     DMSPress,
@@ -33,6 +34,7 @@ from presses import (
     RandomPress,
     SnapKVPress,
     StreamingLLMPress,
+    build_press,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,10 +57,11 @@ def answers(kvtiny, tmp_path: Path, factories: dict, config: EvalConfig, engine:
         with run.press(model, tokenizer):  # as the runner does: fail early, load what the press loads once
             pass
     with tqdm(disable=True) as progress:
-        if engine == "batched":
-            execute(model, tokenizer, records, runs, config, progress)
-        else:
-            for run in runs:
+        shared = [run for run in runs if engine == "batched" and engine_refusal(model, run.press) is None]
+        if shared:
+            execute(model, tokenizer, records, shared, config, progress)
+        for run in runs:
+            if run not in shared:  # as the runner does: one context at a time
                 execute_sequentially(model, tokenizer, records, run, config, progress)
     return {run.label: {key: (p["prediction"], round(p["compression_ratio"], 6),
                               round(p["answer_compression_ratio"], 6)) for key, p in run.done.items()}
@@ -123,6 +126,23 @@ def test_presses_that_compress_while_decoding(kvtiny, tmp_path):
     })
     for values in result.values():  # evictions went on after the prefill
         assert any(answer > context for _, context, answer in values.values())
+
+
+NEEDS_FILES = {"lukv": "a LU-KV budget curve", "observed_attention": "eager attention"}
+
+
+def test_every_registered_press_answers_the_same_in_both_engines(kvtiny, tmp_path):
+    """One needle question per press; presses that rewrite the cache run one context at a time in both."""
+    config = dataclasses.replace(BASE, ruler_tasks=["niah_single_1"], max_samples=1, max_new_tokens=8)
+
+    def factory(name):
+        knob = PRESSES[name].knob
+        return lambda: build_press(name, **({knob: -4.0 if knob == "threshold" else 0.5} if knob else {}))
+
+    names = [name for name in PRESSES if name not in NEEDS_FILES]
+    batched = answers(kvtiny, tmp_path, {name: factory(name) for name in names}, config, "batched")
+    sequential = answers(kvtiny, tmp_path, {name: factory(name) for name in names}, config, "sequential")
+    assert [name for name in names if batched[name] != sequential[name]] == []
 
 
 def test_batch_size_does_not_change_answers(kvtiny, tmp_path):
