@@ -227,7 +227,7 @@ def coerce(name: str, value, kind: str):
     none_words = NONE_WORDS + (("all",) if name in ALL_MEANS_NONE else ())
     if optional and (value is None or (isinstance(value, str) and value.strip().lower() in none_words)):
         return None
-    if base in ("list", "dict"):
+    if base in ("list", "dict") or "list" in base.split("|"):  # lists have their own parsers (_as_list, ...)
         return value
     if value is None:
         raise ConfigError(f"--{name} needs a value (see kvpress-eval --help)")

@@ -27,7 +27,10 @@ SAMPLES = 6
 def settings(model: str, out: Path, **extra):
     return resolve_config(None, model=model, press="knorm,random", compression_ratio="0.25,0.75",
                           ruler_length=320, ruler_tasks="niah_single_1", max_samples=SAMPLES, max_new_tokens=12,
-                          output_dir=str(out), num_threads=1, **extra)
+                          output_dir=str(out), num_threads=1,
+                          # one answer at a time: a cell fills its file gradually (so a kill can land mid-cell) and in
+                          # the same order whichever cells share a worker (so files compare byte for byte)
+                          batch_size=1, **extra)
 
 
 def files(out: Path) -> dict[str, tuple[bytes, bytes]]:
