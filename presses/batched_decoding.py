@@ -192,24 +192,25 @@ def shared_context_attention(module: nn.Module, query: torch.Tensor, key: torch.
     own_blocked = ~visible[:, None, None] | own_evicted[:, :, None, None]  # (rows, kv_heads, 1, q, own)
 
     queries = query.view(rows, kv_heads, groups, q_len, head_dim)
+    # Every row against its own tokens at once; against its context, one group of rows per context. One softmax
+    # over both parts, in float32.
+    own_logits = torch.einsum("rkgqd,rkmd->rkgqm", queries, own_keys).float() * scaling
+    own_logits.masked_fill_(own_blocked, float("-inf"))
+    own_weights = torch.empty_like(own_logits)
     output = torch.empty(rows, kv_heads, groups, q_len, head_dim, dtype=torch.float32, device=device)
     for context, members in _by_context(slots.rows[forward.start:forward.stop]):
         part = slice(members[0], members[-1] + 1) if _contiguous(members) else torch.tensor(members, device=device)
-        q = queries[part]
         context_keys, context_values = context.keys[layer], context.values[layer]
-        context_logits = torch.einsum("rkgqd,knd->rkgqn", q, context_keys).float() * scaling
+        context_logits = torch.einsum("rkgqd,knd->rkgqn", queries[part], context_keys).float() * scaling
         blocked = context.blocked(layer, [slots.rows[forward.start + i].evicted[layer] for i in members])
         if blocked is not None:
             context_logits.masked_fill_(blocked[:, :, None, None, :], float("-inf"))
-        own_logits = torch.einsum("rkgqd,rkmd->rkgqm", q, own_keys[part]).float() * scaling
-        own_logits.masked_fill_(own_blocked[part], float("-inf"))
-        peak = torch.maximum(context_logits.amax(-1, keepdim=True), own_logits.amax(-1, keepdim=True))
-        context_weights = (context_logits - peak).exp()
-        own_weights = (own_logits - peak).exp()
-        total = context_weights.sum(-1, keepdim=True) + own_weights.sum(-1, keepdim=True)
-        mixed = torch.einsum("rkgqn,knd->rkgqd", context_weights.to(context_values.dtype), context_values).float()
-        mixed += torch.einsum("rkgqm,rkmd->rkgqd", own_weights.to(own_values.dtype), own_values[part]).float()
-        output[part] = mixed / total
+        weights = torch.cat([context_logits, own_logits[part]], dim=-1).softmax(dim=-1)
+        n = context_keys.shape[1]
+        own_weights[part] = weights[..., n:]
+        output[part] = torch.einsum("rkgqn,knd->rkgqd", weights[..., :n].to(context_values.dtype),
+                                    context_values).float()
+    output += torch.einsum("rkgqm,rkmd->rkgqd", own_weights.to(own_values.dtype), own_values).float()
     output = output.view(rows, heads, q_len, head_dim).transpose(1, 2).to(query.dtype).contiguous()
     return output, None
 
