@@ -718,4 +718,6 @@ def test_layout_at_1400_and_800_px(site, served, browser, tmp_path):
     assert LONG_PRESS in cut
     for table in ("ranking", "matched", "memory", "tasks", "task-heatmap"):
         assert browser.find_element("id", table).is_displayed()
+    browser.get(served + next(name for name in names if "needle_in_haystack" in name))
+    assert browser.find_element("id", "needle-0").is_displayed()  # the depth x length heatmap
     browser.set_window_size(1280, 1000)
