@@ -1,17 +1,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 from torch import nn
 
-from presses.base_press import BasePress, LayerInputs, validate_ratio
+from presses.base_press import LayerInputs
 from presses.scorer_press import ScorerPress
+from presses.wrapper_press import ScorerWrapperPress
 
 
 @dataclass
-class AdaKVPress(BasePress):
+class AdaKVPress(ScorerWrapperPress):
     """Head-wise budgets over any scorer: remove the layer's lowest-scoring pairs across all its heads together.
 
     Feng et al., "Ada-KV: Optimizing KV Cache Eviction by Adaptive Budget Allocation for Efficient LLM Inference",
@@ -21,30 +21,13 @@ class AdaKVPress(BasePress):
     heads; they are applied as per-head attention masks.
     """
 
-    press: ScorerPress = None
     alpha_safeguard: float = 0.20
-    knob: ClassVar[str | None] = "compression_ratio"
 
     def __post_init__(self) -> None:
         if not isinstance(self.press, ScorerPress):
             raise TypeError(f"AdaKVPress wraps a ScorerPress, got {type(self.press).__name__}")
         if not 0 <= self.alpha_safeguard <= 1:
             raise ValueError(f"alpha_safeguard must be in [0, 1], got {self.alpha_safeguard}")
-
-    @property
-    def compression_ratio(self) -> float:
-        return self.press.compression_ratio
-
-    @compression_ratio.setter
-    def compression_ratio(self, value: float) -> None:
-        validate_ratio(value, type(self).__name__)
-        self.press.compression_ratio = value
-
-    def children(self) -> list[BasePress]:
-        return [self.press]
-
-    def post_init_from_model(self, model: nn.Module, tokenizer=None) -> None:
-        self.press.post_init_from_model(model, tokenizer)
 
     def score(self, module: nn.Module, hidden_states, keys, values, attentions, kwargs) -> torch.Tensor:
         """The wrapped press's scores (so that ``DecodingPress`` can score the cache through this press)."""

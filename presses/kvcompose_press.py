@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -9,14 +7,15 @@ import torch
 from torch import nn
 
 from presses import compat
-from presses.base_press import BasePress, LayerInputs, n_kept_pairs, presses_paused, validate_ratio
+from presses.base_press import n_kept_pairs, validate_ratio
+from presses.context_pass_press import ContextPassPress
 from presses.errors import PressError
 
 AGGREGATIONS = ("max", "mean")
 
 
 @dataclass
-class KVComposePress(BasePress):
+class KVComposePress(ContextPassPress):
     """Budgets over layers (and heads) from the attention a re-read of the context pays to it.
 
     Akulov et al., "KVCompose: Efficient Structured KV Cache Compression with Composite Tokens", arXiv 2509.05165,
@@ -46,6 +45,7 @@ class KVComposePress(BasePress):
     add_mean_across_heads: bool = True
     keep_token_lower_bound: int = 0
     knob: ClassVar[str | None] = "compression_ratio"
+    pass_name: ClassVar[str] = "kvcompose"
 
     def __post_init__(self) -> None:
         validate_ratio(self.compression_ratio, type(self).__name__)
@@ -57,51 +57,13 @@ class KVComposePress(BasePress):
             raise PressError(f"KVComposePress: keep_token_lower_bound must be a non-negative integer, "
                              f"got {self.keep_token_lower_bound!r}")
 
-    def post_init_from_model(self, model: nn.Module, tokenizer=None) -> None:
-        modules = compat.attention_modules(model)
-        if len(modules) != len(compat.decoder_layers(model)):
-            raise PressError("kvcompose cannot run on models with sliding-window layers (e.g. Gemma3): their cache "
-                             "cannot be cut back after the re-read; use another press")
-        self._base_model = model.model if hasattr(model, "model") else model
-        self._modules = modules
-
-    @contextmanager
-    def __call__(self, model: nn.Module, tokenizer=None) -> Iterator[KVComposePress]:
-        """The base hooks, plus a hook on the base model that re-reads the context once a prefill is done."""
-        self._scoring = False
-        with super().__call__(model, tokenizer):
-            handle = self._base_model.register_forward_hook(self._after_prefill, with_kwargs=True)
-            try:
-                yield self
-            finally:
-                handle.remove()
-
-    def compress(self, layer: LayerInputs) -> torch.Tensor:
-        return layer.evicted  # decided over all layers at once, after the whole prefill
-
-    def _after_prefill(self, base: nn.Module, args: tuple, kwargs: dict, output) -> None:
-        if self._scoring or self.compression_ratio == 0 or not self.hooks_active:
-            return
-        cache = compat.cache_from_output(output)
-        if cache is None:
-            cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        if cache is None or input_ids is None or input_ids.shape[1] != cache.get_seq_length():
-            return  # not a prefill of token ids into an empty cache
-        if input_ids.shape[0] != 1:
-            raise PressError(f"kvcompose scores one context at a time: use batch size 1, got {input_ids.shape[0]}")
-        self._scoring = True
-        try:
-            scores = self._reread(input_ids, cache)
-        finally:
-            self._scoring = False
-        for layer_idx, evicted in self._select(scores).items():
-            self.layer_state(layer_idx)["evicted"] = evicted
+    def shared_work_key(self):
+        """The re-read's scores depend on these settings only, not on the ratio or the budget mode."""
+        return ("kvcompose", self.agg_task, self.agg_group, self.add_v_norm, self.add_mean_across_heads)
 
     @torch.no_grad()
-    def _reread(self, input_ids: torch.Tensor, cache) -> torch.Tensor:
+    def _score_context(self, input_ids: torch.Tensor, cache, context_length: int) -> torch.Tensor:
         """Scores (layers, kv_heads, T) of the T context tokens, float32, after ``agg_group`` and enhancement."""
-        context_length = input_ids.shape[1]
         per_layer: dict[int, torch.Tensor] = {}
 
         def hook(module: nn.Module, args: tuple, hook_kwargs: dict, output) -> None:
@@ -125,8 +87,7 @@ class KVComposePress(BasePress):
 
         handles = [module.register_forward_hook(hook, with_kwargs=True) for module in self._modules]
         try:
-            with presses_paused():  # other presses on the model must not see the re-read
-                self._base_model(input_ids=input_ids, **{compat.model_cache_kwarg(): cache}, use_cache=True)
+            self._base_model(input_ids=input_ids, **{compat.model_cache_kwarg(): cache}, use_cache=True)
         finally:
             for handle in handles:
                 handle.remove()

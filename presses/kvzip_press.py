@@ -8,7 +8,6 @@ normalisation is from KVzap (Jegou et al., arXiv 2601.07891), whose log is the K
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -16,7 +15,8 @@ import torch
 from torch import nn
 
 from presses import compat
-from presses.base_press import BasePress, LayerInputs, presses_paused, validate_ratio
+from presses.base_press import validate_ratio
+from presses.context_pass_press import ContextPassPress
 from presses.errors import PressError
 
 REPEAT_FIRST_CHUNK = "\n\nRepeat the previous context exactly."
@@ -114,7 +114,7 @@ def chat_template_pieces(tokenizer) -> tuple[int, list[int]]:
 
 
 @dataclass
-class KVzipPress(BasePress):
+class KVzipPress(ContextPassPress):
     """Query-agnostic oracle: evict the pairs least attended to while the model repeats its context.
 
     Kim et al., arXiv 2505.23416; ``kvzip_plus_normalization`` is KVzip+ (KVzap, arXiv 2601.07891). After a dense
@@ -137,6 +137,7 @@ class KVzipPress(BasePress):
     kvzip_plus_normalization: bool = False
     chunk_size: int = 2048
     knob: ClassVar[str | None] = "compression_ratio"
+    pass_name: ClassVar[str] = "kvzip"
 
     def __post_init__(self) -> None:
         validate_ratio(self.compression_ratio, type(self).__name__)
@@ -146,10 +147,7 @@ class KVzipPress(BasePress):
             raise PressError(f"KVzipPress: chunk_size must be a positive integer, got {self.chunk_size!r}")
 
     def post_init_from_model(self, model: nn.Module, tokenizer=None) -> None:
-        modules = compat.attention_modules(model)
-        if len(modules) != len(compat.decoder_layers(model)):
-            raise PressError("kvzip cannot run on models with sliding-window layers (e.g. Gemma3): their cache "
-                             "cannot be cut back after the repeat pass; use another press")
+        super().post_init_from_model(model, tokenizer)
         if tokenizer is None:
             try:
                 from transformers import AutoTokenizer
@@ -157,61 +155,13 @@ class KVzipPress(BasePress):
                 tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
             except Exception:  # any failure to find a tokenizer gets the same one-line answer
                 raise PressError(TOKENIZER_ERROR) from None
-        self._base_model = model.model if hasattr(model, "model") else model
-        self._modules = modules
         self._prefix_length, self._suffix_ids = chat_template_pieces(tokenizer)
         self._first_instruction = tokenizer.encode(REPEAT_FIRST_CHUNK, add_special_tokens=False)
         self._next_instruction = tokenizer.encode(REPEAT_NEXT_CHUNK, add_special_tokens=False)
 
-    @contextmanager
-    def __call__(self, model: nn.Module, tokenizer=None) -> Iterator[KVzipPress]:
-        """The base hooks, plus a hook on the base model that scores and selects once a prefill is done."""
-        self._scoring = False
-        with super().__call__(model, tokenizer):
-            handle = self._base_model.register_forward_hook(self._after_prefill, with_kwargs=True)
-            try:
-                yield self
-            finally:
-                handle.remove()
-
     def shared_work_key(self):
         """The reconstruction scores depend on these settings only, not on the ratio."""
         return ("kvzip", self.n_sink, self.kvzip_plus_normalization, self.chunk_size)
-
-    def compress(self, layer: LayerInputs) -> torch.Tensor:
-        return layer.evicted  # decided over all layers at once, after the whole prefill (see _after_prefill)
-
-    def _after_prefill(self, base: nn.Module, args: tuple, kwargs: dict, output) -> None:
-        if self._scoring or self.compression_ratio == 0 or not self.hooks_active:
-            return
-        cache = compat.cache_from_output(output)
-        if cache is None:
-            cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        if cache is None:
-            return
-        if input_ids is None:
-            if kwargs.get("inputs_embeds") is not None and cache.get_seq_length() == kwargs["inputs_embeds"].shape[1]:
-                raise PressError("kvzip needs the context's token ids to repeat it: call the model with input_ids")
-            return
-        context_length = cache.get_seq_length()
-        if input_ids.shape[1] != context_length:
-            return  # not a prefill into an empty cache (question tokens, decoding steps)
-        if input_ids.shape[0] != 1:
-            raise PressError(f"kvzip scores one context at a time: use batch size 1, got {input_ids.shape[0]}")
-        shared = self.shared_work
-        scores = shared.get("scores") if shared is not None else None
-        if scores is None:
-            self._scoring = True
-            try:
-                with presses_paused():  # other presses on the model must not see the reconstruction passes
-                    scores = self._score_context(input_ids, cache, context_length)
-            finally:
-                self._scoring = False
-            if shared is not None:
-                shared["scores"] = scores
-        for layer_idx, evicted in self._select(scores).items():
-            self.layer_state(layer_idx)["evicted"] = evicted
 
     def _repeat_prompts(self, context_ids: list[int]) -> Iterator[tuple[slice, list[int]]]:
         """(context positions scored, repeat prompt ids) for each chunk of the context after the template prefix."""
