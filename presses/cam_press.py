@@ -48,10 +48,7 @@ class CAMPress(DecodingPress):
         if layer.is_prefill:
             return layer.evicted
         state = self.layer_state(layer.module.layer_idx)
-        cos, sin = layer.kwargs["position_embeddings"]
-        buffered = {"hidden": layer.hidden_states, "cos": cos, "sin": sin}
-        if "hidden" in state:
-            buffered = {name: torch.cat([state[name], t], dim=1) for name, t in buffered.items()}
+        buffered = self.buffered_inputs(state, layer)
         attention = self.current_attention(layer)
         if "attention" in state:
             previous = state["attention"]
@@ -66,11 +63,8 @@ class CAMPress(DecodingPress):
             evicted = self.merge_and_evict(scores, layer.values, attention, evicted, steps)
             steps = 0
             buffered = {name: t[:, :0] for name, t in buffered.items()}  # kvpress empties the buffer
-        keep = self.hidden_states_buffer_size
-        for name, tensor in buffered.items():
-            state[name] = tensor[:, -keep:] if keep > 0 else tensor[:, :0]
+        self.store_buffer(state, buffered, steps)
         state["attention"] = attention
-        state["steps"] = torch.tensor(steps)
         return evicted
 
     @staticmethod

@@ -53,10 +53,7 @@ class DecodingPress(BasePress):
         if layer.is_prefill:
             return layer.evicted
         state = self.layer_state(layer.module.layer_idx)
-        cos, sin = layer.kwargs["position_embeddings"]
-        buffered = {"hidden": layer.hidden_states, "cos": cos, "sin": sin}
-        if "hidden" in state:
-            buffered = {name: torch.cat([state[name], t], dim=1) for name, t in buffered.items()}
+        buffered = self.buffered_inputs(state, layer)
         steps = int(state.get("steps", torch.tensor(0))) + 1
         evicted = layer.evicted
         kept = int((~evicted).sum(-1).max())
@@ -71,8 +68,21 @@ class DecodingPress(BasePress):
             evicted = self.base_press.select(scores, target_size, evicted)
         if steps >= self.compression_interval:
             steps = 0
+        self.store_buffer(state, buffered, steps)
+        return evicted
+
+    @staticmethod
+    def buffered_inputs(state: dict, layer: LayerInputs) -> dict[str, torch.Tensor]:
+        """This forward's hidden states and rotary (cos, sin), after those buffered from earlier steps."""
+        cos, sin = layer.kwargs["position_embeddings"]
+        buffered = {"hidden": layer.hidden_states, "cos": cos, "sin": sin}
+        if "hidden" in state:
+            buffered = {name: torch.cat([state[name], t], dim=1) for name, t in buffered.items()}
+        return buffered
+
+    def store_buffer(self, state: dict, buffered: dict[str, torch.Tensor], steps: int) -> None:
+        """Keep the last ``hidden_states_buffer_size`` buffered steps and the step counter."""
         keep = self.hidden_states_buffer_size
         for name, tensor in buffered.items():
             state[name] = tensor[:, -keep:] if keep > 0 else tensor[:, :0]
         state["steps"] = torch.tensor(steps)
-        return evicted
