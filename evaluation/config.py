@@ -87,6 +87,11 @@ class EvalConfig:
                          "batches; sequential: one context and one run at a time (for comparison)")
     batch_size: int | None = option(None, "rows decoded together by the batched engine (default: 32 on CPU, "
                                     "what half the free memory holds on GPU)")
+    kv_storage: str = option("compact", "compact: evicted KV pairs are freed (the default); mask: every pair stays "
+                             "in memory and evicted ones are masked, as kvpress does (same predictions)")
+    prefill_chunk_size: int | None = option(None, "threshold presses (dms, kvzap_*): prefill the context in chunks of "
+                                            "this many tokens, evicting after each (DMS's inference; bounds the "
+                                            "prefill's KV memory; changes predictions, so it is part of the run id)")
     output_dir: str = option("results/runs", "where run folders go")
     overwrite: bool = option(False, "start cached runs over instead of resuming them")
     executor: str = option("local", "local (this process) or ray (cells spread over a Ray cluster; pip install "
@@ -365,6 +370,11 @@ def validate(config: EvalConfig) -> None:
                           f"'{config.attn_implementation}'")
     if config.engine not in ("batched", "sequential"):
         raise ConfigError(f"--engine must be batched or sequential, got '{config.engine}'")
+    if config.kv_storage not in ("compact", "mask"):
+        raise ConfigError(f"--kv_storage must be compact or mask, got '{config.kv_storage}'")
+    if config.prefill_chunk_size is not None and (isinstance(config.prefill_chunk_size, bool) or not isinstance(
+            config.prefill_chunk_size, int) or config.prefill_chunk_size < 1):
+        raise ConfigError(f"--prefill_chunk_size must be a positive integer, got {config.prefill_chunk_size!r}")
     if config.batch_size is not None and (isinstance(config.batch_size, bool) or not isinstance(config.batch_size, int)
                                           or config.batch_size < 1):
         raise ConfigError(f"--batch_size must be a positive integer, got {config.batch_size!r}")

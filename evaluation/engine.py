@@ -16,6 +16,7 @@ one-at-a-time path (prefill and answer per cell and context), for comparison.
 from __future__ import annotations
 
 import logging
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -32,7 +33,7 @@ from evaluation.config import EvalConfig
 from evaluation.datasets.registry import get_dataset
 from presses import BasePress, GenerationSettings, answer_questions, compat
 from presses.batched_decoding import BatchedDecoder, Row, SharedContext
-from presses.generation import eos_token_ids
+from presses.generation import Measures, eos_token_ids
 from presses.pipeline import PromptParts, encode_prompt
 
 logger = logging.getLogger("kvpress-eval")
@@ -66,15 +67,26 @@ def group_by_context(records: list[dict], query_aware: bool) -> list[list[dict]]
 
 
 def prediction_record(record: dict, sample_index: int, config: EvalConfig, prediction: str, tokens: list[int],
-                      context_ratio: float, answer_ratio: float, context_length: int, question_length: int) -> dict:
-    """The line a prediction adds to its run's predictions.jsonl (the same for every engine)."""
-    return {"sample_id": sample_key(record, sample_index, config), "problem_id": record["sample_id"],
+                      context_ratio: float, answer_ratio: float, context_length: int, question_length: int,
+                      cost: dict | None = None) -> dict:
+    """The line a prediction adds to its run's predictions.jsonl (the same for every engine). ``cost``: what the
+    answer cost (:func:`answer_cost`)."""
+    return {**(cost or {}), "sample_id": sample_key(record, sample_index, config), "problem_id": record["sample_id"],
             "task": record["task"], "question": record["question"], "answer_prefix": record["answer_prefix"],
             "answer": record["answer"], "prediction": prediction,
             "compression_ratio": context_ratio, "answer_compression_ratio": answer_ratio,
             "context_length": context_length, "question_length": question_length,
             "generated_length": len(tokens), "sample_index": sample_index,
             **{k: record[k] for k in ("all_classes", "length", "needle_length", "needle_depth") if k in record}}
+
+
+def answer_cost(kv_storage: str, kv_bytes_dense: int, held_after_prefill: int, held_end: int, peak: int,
+                prefill_seconds: float, decode_seconds: float, throughput_scope: str) -> dict:
+    """The memory and speed fields of a prediction record. ``prefill_seconds`` is set on the first answer of a
+    context only (0 on the others), so sums over answers count each prefill once."""
+    return {"kv_storage": kv_storage, "kv_bytes_dense": kv_bytes_dense,
+            "kv_bytes_held_after_prefill": held_after_prefill, "kv_bytes_held_end": held_end, "kv_bytes_peak": peak,
+            "prefill_seconds": prefill_seconds, "decode_seconds": decode_seconds, "throughput_scope": throughput_scope}
 
 
 def encode_group(tokenizer, group: list[dict], config: EvalConfig, truncation: str, device) -> PromptParts:
@@ -92,16 +104,24 @@ def seed_context(config: EvalConfig, group: list[dict], sample_index: int) -> No
 
 
 def answer_group(model, tokenizer, group: list[dict], press, config: EvalConfig, sample_index: int,
-                 truncation: str) -> list[dict]:
+                 truncation: str, prefill_chunk_size: int | None = None) -> list[dict]:
     """The one-at-a-time path: prefill one context under ``press`` (its state is reset on entry), answer its
     questions; one prediction record per question."""
     parts = encode_group(tokenizer, group, config, truncation, next(model.parameters()).device)
     seed_context(config, group, sample_index)
     settings = generation_settings(config, max(r["max_new_tokens"] for r in group), sample_index)
-    answers, ratio = answer_questions(model, tokenizer, parts.context_ids, parts.question_ids, press, settings)
+    measures = Measures()
+    answers, ratio = answer_questions(model, tokenizer, parts.context_ids, parts.question_ids, press, settings,
+                                      config.kv_storage, prefill_chunk_size, measures)
+    storage = press.storage_for(model) if config.kv_storage == "compact" else "mask"
+    per_answer = measures.decode_seconds / max(1, len(answers))  # answers of a context decode one after another
     return [prediction_record(record, sample_index, config, answer.text, answer.token_ids, ratio,
-                              answer.compression_ratio, int(parts.context_ids.shape[1]), int(question.shape[1]))
-            for record, answer, question in zip(group, answers, parts.question_ids, strict=True)]
+                              answer.compression_ratio, int(parts.context_ids.shape[1]), int(question.shape[1]),
+                              answer_cost(storage, measures.kv_bytes_dense, measures.kv_bytes_held_after_prefill,
+                                          held_end, measures.kv_bytes_peak,
+                                          measures.prefill_seconds if index == 0 else 0.0, per_answer, "run"))
+            for index, (record, answer, question, held_end) in enumerate(zip(
+                group, answers, parts.question_ids, measures.kv_bytes_held_end, strict=True))]
 
 
 def sample_key(record: dict, sample_index: int, config: EvalConfig) -> str:
@@ -123,6 +143,7 @@ class PreparedRun:
     cache: PredictionCache
     done: dict[str, dict]
     new_press: Callable[[], BasePress]  # a fresh press of this cell (the engine needs one per sample index)
+    prefill_chunk_size: int | None = None  # chunked prefill (threshold presses; one context at a time)
 
     def missing(self, group: list[dict], sample_index: int, config: EvalConfig) -> list[int]:
         """Indices of the group's questions whose prediction for ``sample_index`` is not cached yet."""
@@ -143,19 +164,25 @@ def execute_sequentially(model, tokenizer, records: list[dict], run: PreparedRun
         for sample_index in range(config.num_samples):
             if not run.missing(group, sample_index, config):
                 continue
-            for prediction in answer_group(model, tokenizer, group, run.press, config, sample_index, truncation):
+            for prediction in answer_group(model, tokenizer, group, run.press, config, sample_index, truncation,
+                                           run.prefill_chunk_size):
                 if prediction["sample_id"] not in run.done:
                     run.save(prediction)
                     progress.update()
 
 
 
-def engine_refusal(model: nn.Module, press: BasePress) -> str | None:
+def engine_refusal(model: nn.Module, run: PreparedRun, config: EvalConfig) -> str | None:
     """Why a cell cannot share the engine's prefill and batched decoding (it then runs one context at a time)."""
+    press = run.press
     if len(compat.attention_modules(model)) != len(compat.decoder_layers(model)):
         return "the model has sliding-window layers"
     if getattr(press, "rewrites_cache", False):
         return "the press rewrites cached keys or values"
+    if run.prefill_chunk_size:
+        return "it prefills in chunks"
+    if config.kv_storage == "compact" and press.compresses_while_decoding:
+        return "the press evicts while decoding: each answer needs a compact cache of its own"
     return None
 
 
@@ -203,16 +230,21 @@ def execute(model: nn.Module, tokenizer, records: list[dict], runs: list[Prepare
     decoder = BatchedDecoder(model, eos_ids, batch_size)
     with ExitStack() as stack:
         for instance in instances:
-            stack.enter_context(instance.press(model, tokenizer))
+            # the dense prefill is shared: each press masks, and its rows get a compact copy below
+            stack.enter_context(instance.press(model, tokenizer, kv_storage="mask"))
         rows = _rows(model, tokenizer, groups, instances, config, truncation, device)
+        token_bytes = per_token_kv_bytes(model)
         for row in decoder.run(rows):
-            instance, group, question_index, context_ratio, context_length = row.payload
+            instance, group, question_index, context_ratio, context_length, cost = row.payload
             record = group[question_index]
             text = tokenizer.decode(row.tokens, skip_special_tokens=True)
             answer_ratio = context_ratio if row.compression_ratio is None else row.compression_ratio
+            own_tokens = len(row.prompt_ids) + len(row.tokens) - 1  # the last token is never fed back
+            held_end = cost["kv_bytes_held_after_prefill"] + own_tokens * token_bytes
             instance.run.save(prediction_record(record, instance.sample_index, config, text, row.tokens,
                                                 context_ratio, answer_ratio, context_length,
-                                                len(row.prompt_ids)))
+                                                len(row.prompt_ids), {**cost, "kv_bytes_held_end": held_end,
+                                                                      "decode_seconds": row.decode_seconds}))
             progress.update()
 
 
@@ -226,10 +258,13 @@ def _rows(model: nn.Module, tokenizer, groups: list[list[dict]], instances: list
         if not waiting:
             continue
         parts = encode_group(tokenizer, group, config, truncation, device)
+        start = time.perf_counter()
         prefilled = _prefill(model, parts.context_ids, group, [instance for instance, _ in waiting], instances,
                              config)
         context = SharedContext.from_cache(prefilled, n_layers)
         del prefilled
+        prefill_seconds = time.perf_counter() - start
+        dense_bytes = context.kv_bytes()
         settings = {k: generation_settings(config, max(r["max_new_tokens"] for r in group), k)
                     for k in range(config.num_samples)}
         for instance, questions in waiting:
@@ -238,14 +273,22 @@ def _rows(model: nn.Module, tokenizer, groups: list[list[dict]], instances: list
             ratio = press.achieved_compression_ratio
             decoding = press.compresses_while_decoding
             sampling = settings[instance.sample_index]
-            for question_index in questions:
+            row_context, storage = context, "mask"
+            if config.kv_storage == "compact" and not decoding:
+                # this press's kept pairs, packed; its rows read them and nothing else
+                row_context, storage, masks = context.compacted(masks), "compact", [None] * n_layers
+            held = row_context.kv_bytes()
+            for number, question_index in enumerate(questions):
                 generator = None
                 if sampling.do_sample:
                     generator = torch.Generator(device=device).manual_seed(sampling.seed + question_index)
-                yield Row(context, parts.question_ids[question_index][0].tolist(),
+                # the shared prefill served every press: each cell's first answer of the context carries its time
+                cost = answer_cost(storage, dense_bytes, held, 0, dense_bytes + (held if storage == "compact" else 0),
+                                   prefill_seconds if number == 0 else 0.0, 0.0, "sweep")
+                yield Row(row_context, parts.question_ids[question_index][0].tolist(),
                           list(masks), sampling.max_new_tokens, sampling if sampling.do_sample else None, generator,
                           press if decoding else None, press.snapshot() if decoding else None,
-                          (instance, group, question_index, ratio, int(parts.context_ids.shape[1])))
+                          (instance, group, question_index, ratio, int(parts.context_ids.shape[1]), cost))
 
 
 def _prefill(model: nn.Module, context_ids: torch.Tensor, group: list[dict], instances: list[_Instance],
@@ -273,6 +316,14 @@ def _prefill(model: nn.Module, context_ids: torch.Tensor, group: list[dict], ins
         instance.press.shared_work = None
         instance.press.hooks_active = True
     return cache
+
+
+def per_token_kv_bytes(model: nn.Module) -> int:
+    """Bytes of keys and values one token adds over all layers."""
+    config = compat.text_config(model)
+    parameter = next(model.parameters())
+    head_dim = compat.head_dim(compat.attention_modules(model)[0])
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * parameter.element_size()
 
 
 def _context_mask(press: BasePress, layer: int) -> torch.Tensor | None:

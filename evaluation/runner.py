@@ -100,7 +100,14 @@ def run_identity(config: EvalConfig, spec: RunSpec, press_repr: str, model_revis
         "enable_thinking": config.enable_thinking, "generation": asdict(generation_settings(config, 0)),
         "num_samples": config.num_samples, "protocol": PROTOCOL,
         **{name: getattr(config, name) for name in dataset_spec.identity_fields},  # e.g. the needle grid
+        # only where it applies, so runs without it keep their ids
+        **({"prefill_chunk_size": chunk} if (chunk := prefill_chunk_size(config, spec)) else {}),
     }
+
+
+def prefill_chunk_size(config: EvalConfig, spec: RunSpec) -> int | None:
+    """The chunk size this cell prefills with: ``--prefill_chunk_size`` for threshold presses, else None."""
+    return config.prefill_chunk_size if spec.knob == "threshold" else None
 
 
 def environment(config: EvalConfig, model) -> dict:
@@ -140,7 +147,7 @@ def prepare_run(model, tokenizer, spec: RunSpec, config: EvalConfig) -> Prepared
                 "environment": environment(config, model)}
     record_start(folder, resolved, config, cached=len(done))  # first start, or a resume appended to config.yaml
     return PreparedRun(spec, run_label(spec), spec.dataset, press, folder, cache, done,
-                       lambda: make_press(spec, config))
+                       lambda: make_press(spec, config), prefill_chunk_size(config, spec))
 
 
 def finish_run(run: PreparedRun, records: list[dict], config: EvalConfig) -> RunResult:
@@ -148,8 +155,39 @@ def finish_run(run: PreparedRun, records: list[dict], config: EvalConfig) -> Run
     scores = score_run(run.spec.dataset, [run.done[key] for key in sorted(run.done)])
     asked = {sample_key(r, k, config) for k in range(config.num_samples) for r in records}
     metrics = describe_samples(scores, sorted(run.done), asked)
+    metrics.update(memory_and_speed([run.done[key] for key in sorted(run.done)]))
     write_json_atomically(run.folder / METRICS_FILE, metrics)
     return RunResult(run.spec, run.folder, metrics)
+
+
+def memory_and_speed(predictions: list[dict]) -> dict:
+    """metrics.json's memory and speed fields, from the cost each prediction recorded (``answer_cost``).
+
+    KV bytes are means over answers (each answer's context); ``kv_bytes_held`` is after the prefill and at the end
+    of generation. ``peak_memory_bytes`` is the largest KV peak of any context, from the cache's tensors (a CPU run
+    has no allocator to ask). Throughputs: context tokens over prefill time (each context's prefill counted once),
+    generated tokens over decoding time; in a batched sweep both are shared by its cells (``throughput_scope``).
+    Predictions cached before these fields existed are left out; none at all gives an empty dict.
+    """
+    costed = [p for p in predictions if "kv_bytes_dense" in p]
+    if not costed:
+        return {}
+    def mean(name: str) -> float:
+        return sum(p[name] for p in costed) / len(costed)
+    prefill_seconds = sum(p["prefill_seconds"] for p in costed)
+    prefill_tokens = sum(p["context_length"] for p in costed if p["prefill_seconds"] > 0)
+    decode_seconds = sum(p["decode_seconds"] for p in costed)
+    storages = sorted({p["kv_storage"] for p in costed})
+    return {
+        "kv_storage": storages[0] if len(storages) == 1 else "mixed",
+        "kv_bytes_dense": mean("kv_bytes_dense"),
+        "kv_bytes_held": {"after_prefill": mean("kv_bytes_held_after_prefill"), "end": mean("kv_bytes_held_end")},
+        "peak_memory_bytes": max(p["kv_bytes_peak"] for p in costed),
+        "peak_memory_source": "kv_cache_tensors",
+        "prefill_tokens_per_s": prefill_tokens / prefill_seconds if prefill_seconds else None,
+        "decode_tokens_per_s": sum(p["generated_length"] for p in costed) / decode_seconds if decode_seconds else None,
+        "throughput_scope": "sweep" if any(p["throughput_scope"] == "sweep" for p in costed) else "run",
+    }
 
 
 def run_label(spec: RunSpec) -> str:
@@ -188,11 +226,12 @@ def run_cells(model, tokenizer, config: EvalConfig, specs: list[RunSpec]) -> lis
         for dataset in datasets:
             runs = [run for run in prepared if run.spec.dataset == dataset]
             logger.info("%s: %d samples", dataset, len(records[dataset]))
-            batched = [run for run in runs if config.engine == "batched" and engine_refusal(model, run.press) is None]
+            batched = [run for run in runs if config.engine == "batched"
+                       and engine_refusal(model, run, config) is None]
             for run in runs:
                 if run not in batched and config.engine == "batched":
                     logger.info("%s: runs one context at a time (%s)", run.label,
-                                engine_refusal(model, run.press))
+                                engine_refusal(model, run, config))
             try:
                 if batched:
                     execute(model, tokenizer, records[dataset], batched, config, progress)
@@ -213,9 +252,18 @@ def run_sweep(config: EvalConfig) -> list[RunResult]:
     return get_executor(config.executor)(config, specs)
 
 
+def kv_held_share(metrics: dict) -> str:
+    """KV bytes held after the prefill over a dense cache's, as a percentage ("-" if not measured)."""
+    held, dense = metrics.get("kv_bytes_held"), metrics.get("kv_bytes_dense")
+    if not held or not dense:
+        return "-"
+    return f"{100 * held['after_prefill'] / dense:.0f}%"
+
+
 def results_table(results: list[RunResult]) -> str:
     width = max([len("dataset"), *(len(result.spec.dataset) for result in results)])
-    rows = [f"{'dataset':<{width}} {'press':<24} {'point':<24} {'score':>7} {'achieved':>9} {'n':>5}  folder"]
+    rows = [f"{'dataset':<{width}} {'press':<24} {'point':<24} {'score':>7} {'achieved':>9} {'KV held':>8} "
+            f"{'n':>5}  folder"]
     notes = []
     for result in results:
         spec, metrics = result.spec, result.metrics
@@ -223,7 +271,8 @@ def results_table(results: list[RunResult]) -> str:
         achieved = metrics.get("compression_ratio")
         note = coverage_note(metrics)
         rows.append(f"{spec.dataset:<{width}} {spec.press:<24} {point:<24} {metrics['overall']:>7.2f} "
-                    f"{achieved if achieved is None else round(achieved, 3):>9} {metrics['n_predictions']:>5}"
+                    f"{achieved if achieved is None else round(achieved, 3):>9} {kv_held_share(metrics):>8} "
+                    f"{metrics['n_predictions']:>5}"
                     f"{'*' if note else ' '} {result.folder}")
         if note:
             notes.append(f"* {spec.dataset} {spec.press} {point}: {note}")

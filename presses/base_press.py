@@ -14,9 +14,11 @@ While the context is open, two hooks sit on every (full-attention) attention mod
 - before the module's forward (``_before_attention``), the evictions decided so far are applied to the attention
   mask, per KV head, so an evicted pair gets exactly zero attention weight from then on.
 
-Memory today: evicted pairs are *masked*, not freed. The cache keeps every key and value; what changes is the
-attention. This makes head-wise (ragged) evictions exact for every press and keeps positions and cache cropping
-trivial. It does not save memory or time; freeing evicted pairs is future work.
+Memory: by default (``kv_storage="compact"``) evicted pairs are freed: the press swaps each layer of the
+``DynamicCache`` it is handed for a :class:`presses.compact_cache.CompactLayer`, which packs the kept pairs as soon as
+the press evicts and attends over what it holds. ``kv_storage="mask"`` keeps every pair and masks evicted ones in the
+attention instead (kvpress's way); predictions are the same. Presses that rewrite cached keys or values in place
+(``rewrites_cache``) always mask.
 
 The prefill itself is always dense: pruning one layer does not change the hidden states of later layers within
 that forward (the same as kvpress), so one prefill could serve every press.
@@ -25,17 +27,21 @@ that forward (the same as kvpress), so one prefill could serve every press.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
+from functools import cache, cached_property
 from typing import ClassVar
 
 import torch
 from torch import nn
 
 from presses import compat
+from presses.compact_cache import COMPACT_ATTENTION, STORAGE_KWARG, CompactLayer, new_layer_for
 from presses.errors import PressError
+
+KV_STORAGES = ("compact", "mask")
 
 # While set, every press's hooks stand aside: KVzip's reconstruction passes and the sweep engine's batched decoding
 # run forwards that other presses attached to the same model must not see (see :func:`presses_paused`).
@@ -56,7 +62,9 @@ def presses_paused() -> Iterator[None]:
 class LayerInputs:
     """What a press sees of one attention layer after its forward pass.
 
-    ``keys``/``values`` are the whole cache of the layer, (batch, kv_heads, k_len, head_dim), keys with RoPE.
+    ``keys``/``values`` are the whole cache of the layer, (batch, kv_heads, k_len, head_dim), keys with RoPE; with
+    compact storage, positions already freed read as zeros (and are evicted in ``evicted``). They are read lazily
+    (``kv`` is the pair or a function returning it), so a press that never looks at them costs no copy.
     ``hidden_states`` are the inputs of this forward only, (batch, q_len, hidden_size), after the input norm.
     ``attentions`` are the attention weights (batch, num_heads, q_len, k_len) with eager attention, else None.
     ``evicted`` is the current eviction mask (batch, kv_heads, k_len), True = removed.
@@ -65,16 +73,27 @@ class LayerInputs:
 
     module: nn.Module
     hidden_states: torch.Tensor
-    keys: torch.Tensor
-    values: torch.Tensor
+    kv: tuple[torch.Tensor, torch.Tensor] | Callable[[], tuple[torch.Tensor, torch.Tensor]]
     attentions: torch.Tensor | None
     evicted: torch.Tensor
     kwargs: dict
 
+    @cached_property
+    def _kv_pair(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.kv() if callable(self.kv) else self.kv
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self._kv_pair[0]
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self._kv_pair[1]
+
     @property
     def is_prefill(self) -> bool:
         """True on the first forward into an empty cache (the context prefill)."""
-        return self.keys.shape[2] == self.hidden_states.shape[1]
+        return self.k_len == self.hidden_states.shape[1]
 
     @property
     def q_len(self) -> int:
@@ -82,7 +101,7 @@ class LayerInputs:
 
     @property
     def k_len(self) -> int:
-        return self.keys.shape[2]
+        return self.evicted.shape[-1]
 
 
 class _RewritesCacheIfAChildDoes:
@@ -203,23 +222,54 @@ class BasePress:
     # Hooks.
 
     @contextmanager
-    def __call__(self, model: nn.Module, tokenizer=None) -> Iterator[BasePress]:
+    def __call__(self, model: nn.Module, tokenizer=None, kv_storage: str = "compact") -> Iterator[BasePress]:
         """Apply this press to every forward of ``model`` inside the ``with`` block; hooks go away on exit.
 
         ``tokenizer`` is only needed by presses that build prompts of their own (KVzip's repeat prompt).
+        ``kv_storage``: ``"compact"`` frees evicted pairs (the default), ``"mask"`` keeps them and masks them.
+        Compact storage falls back to masking for presses that rewrite the cache and for attention
+        implementations other than sdpa and eager.
         """
+        if kv_storage not in KV_STORAGES:
+            raise PressError(f"kv_storage must be one of {', '.join(KV_STORAGES)}, got {kv_storage!r}")
         modules = compat.attention_modules(model)
         self.post_init_from_model(model, tokenizer)
         self.reset()
+        self.__dict__["_compact"] = kv_storage == "compact" and self.storage_for(model) == "compact"
         handles = []
+        original = compat.attn_implementation(modules[0]) if modules else None
         try:
+            if self.__dict__["_compact"]:
+                compat.set_attn_implementation(model, f"kvpress_compact_{original}")
             for module in modules:
                 handles.append(module.register_forward_pre_hook(self._before_attention, with_kwargs=True))
                 handles.append(module.register_forward_hook(self._after_attention, with_kwargs=True))
             yield self
         finally:
+            if self.__dict__["_compact"]:
+                compat.set_attn_implementation(model, original)
             for handle in handles:
                 handle.remove()
+            self.__dict__["_compact"] = False
+
+    def storage_for(self, model: nn.Module) -> str:
+        """``"compact"`` if this press can free evicted pairs on ``model``, else ``"mask"``."""
+        modules = compat.attention_modules(model)
+        if self.rewrites_cache or not modules:
+            return "mask"
+        if f"kvpress_compact_{compat.attn_implementation(modules[0])}" not in COMPACT_ATTENTION:
+            return "mask"
+        return "compact"
+
+    @contextmanager
+    def prefilling_context(self) -> Iterator[None]:
+        """Forwards inside the block are later chunks of the context prefill: the press compresses them as it
+        compresses the first (chunked prefill; see :func:`presses.generation.prefill`)."""
+        self.__dict__["_prefilling"] = True
+        try:
+            yield
+        finally:
+            self.__dict__["_prefilling"] = False
 
     @property
     def hooks_active(self) -> bool:
@@ -235,6 +285,8 @@ class BasePress:
         if not self.hooks_active:
             return None
         cache = compat.cache_from_kwargs(kwargs)
+        if self.__dict__.get("_compact"):
+            return self._before_compact_attention(module, cache, args, kwargs)
         past = compat.cache_length(cache, module.layer_idx)
         state = self.layer_state(module.layer_idx)
         evicted = state.get("evicted")
@@ -259,34 +311,63 @@ class BasePress:
         kwargs["attention_mask"] = compat.mask_evicted_pairs(module, kwargs.get("attention_mask"), padded, q_len)
         return args, kwargs
 
+    def _before_compact_attention(self, module: nn.Module, cache, args: tuple, kwargs: dict):
+        """Compact storage: make the layer a :class:`CompactLayer` on a new prefill, free what the press evicted
+        since the last forward (presses that decide after the prefill, like KVzip), and hand the layer to the
+        attention."""
+        layer = compat.cache_layer(cache, module.layer_idx)
+        past = layer.get_seq_length()
+        if not isinstance(layer, CompactLayer):
+            if past:
+                raise PressError("compact KV storage starts from an empty cache: pass a new DynamicCache, "
+                                 "or use kv_storage='mask'")
+            layer = compat.replace_cache_layer(cache, module.layer_idx, new_layer_for(cache))
+        elif past == 0:
+            layer.reset()
+        else:
+            state = self.layer_state(module.layer_idx)
+            if "evicted" in state and state["evicted"].shape[-1] > past:  # cropped between questions
+                self._truncate_positions(past)
+            layer.apply_evictions(state.get("evicted"))
+        kwargs[STORAGE_KWARG] = layer
+        return args, kwargs
+
     def _after_attention(self, module: nn.Module, args: tuple, kwargs: dict, output):
         if not self.hooks_active:
             return output
         cache = compat.cache_from_kwargs(kwargs)
-        keys, values = compat.keys_values(cache, module.layer_idx)
         attentions = output[1] if isinstance(output, tuple) and len(output) > 1 else None
-        self.update_evictions(module, compat.hidden_states_from(args, kwargs), keys, values, attentions, kwargs)
+        kv = cache_kv_reader(cache, module.layer_idx)
+        self.update_evictions(module, compat.hidden_states_from(args, kwargs), kv, compat.cache_length(
+            cache, module.layer_idx), attentions, kwargs)
+        if self.__dict__.get("_compact"):
+            layer = compat.cache_layer(cache, module.layer_idx)
+            if isinstance(layer, CompactLayer):
+                layer.apply_evictions(self.evicted_mask(module.layer_idx))
         return output
 
-    def update_evictions(self, module: nn.Module, hidden_states: torch.Tensor, keys: torch.Tensor,
-                         values: torch.Tensor, attentions: torch.Tensor | None, kwargs: dict) -> None:
+    def update_evictions(self, module: nn.Module, hidden_states: torch.Tensor,
+                         kv: tuple[torch.Tensor, torch.Tensor] | Callable[[], tuple[torch.Tensor, torch.Tensor]],
+                         k_len: int, attentions: torch.Tensor | None, kwargs: dict) -> None:
         """Decide this layer's evictions after a forward: what the after-attention hook does.
 
-        ``hidden_states`` (batch, q_len, hidden) are this forward's attention inputs and ``keys``/``values`` the
-        layer's whole cache (batch, kv_heads, k_len, head_dim), ending with this forward's tokens. The sweep engine
-        calls it per decoding row with that row's cache.
+        ``hidden_states`` (batch, q_len, hidden) are this forward's attention inputs and ``kv`` the layer's whole
+        cache, keys and values (batch, kv_heads, k_len, head_dim) ending with this forward's tokens, or a function
+        returning them (read only if the press looks). The sweep engine calls it per decoding row with that row's
+        cache.
         """
         state = self.layer_state(module.layer_idx)
-        k_len = keys.shape[2]
         is_prefill = k_len == hidden_states.shape[1]
-        if not is_prefill and not self.compresses_while_decoding:
+        if not is_prefill and not self.compresses_while_decoding and not self.__dict__.get("_prefilling"):
             return  # later tokens are kept: the mask stays at the context length
+        batch, device = hidden_states.shape[0], hidden_states.device
+        heads = module.config.num_key_value_heads
         if is_prefill or "evicted" not in state:
             state.clear()
-            evicted = keys.new_zeros((keys.shape[0], keys.shape[1], k_len), dtype=torch.bool)
+            evicted = torch.zeros((batch, heads, k_len), dtype=torch.bool, device=device)
         else:
             evicted = _pad_positions(state["evicted"], k_len)
-        layer = LayerInputs(module, hidden_states, keys, values, attentions, evicted, kwargs)
+        layer = LayerInputs(module, hidden_states, cache(kv) if callable(kv) else kv, attentions, evicted, kwargs)
         with torch.no_grad():  # eviction decisions are not differentiable
             new_evicted = self.compress(layer)
         if new_evicted.shape != evicted.shape or bool((evicted & ~new_evicted).any()):
@@ -300,6 +381,11 @@ class BasePress:
                     state[name] = state[name][..., :length]
         for child in self.children():
             child._truncate_positions(length)
+
+
+def cache_kv_reader(cache, layer_idx: int) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+    """A function reading a layer's keys and values over every position (see :func:`presses.compat.keys_values`)."""
+    return lambda: compat.keys_values(cache, layer_idx)
 
 
 def _grown_keep_mask(cached: dict, module: nn.Module, k_len: int) -> torch.Tensor:

@@ -23,6 +23,7 @@ decoder lends each row's state to the press after every layer and mirrors the ne
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from transformers import AttentionInterface
 
 from presses import compat
 from presses.base_press import BasePress, presses_paused
+from presses.compact_cache import CompactLayer
 
 ATTENTION_NAME = "kvpress_rows"
 ROWS_KWARG = "kvpress_rows"
@@ -40,16 +42,39 @@ ROWS_KWARG = "kvpress_rows"
 
 @dataclass
 class SharedContext:
-    """A context's dense prefill cache, stored once: per layer, keys and values (kv_heads, n, head_dim)."""
+    """A context's cache for its rows: per layer, the dense prefill's keys and values (kv_heads, n, head_dim),
+    stored once and read through each row's eviction masks; or, with ``compact`` set, one press's kept pairs only
+    (a packed :class:`CompactLayer` per layer, shared by the rows of that press), ``keys``/``values`` then empty.
+    """
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
+    n_tokens: int = 0
+    compact: list[CompactLayer] | None = None
 
     _blocked: dict = field(default_factory=dict, repr=False)
 
     @property
     def length(self) -> int:
-        return self.keys[0].shape[1]
+        """Tokens of the context (positions of the rows' own tokens start here)."""
+        return self.n_tokens or self.keys[0].shape[1]
+
+    def kv_bytes(self) -> int:
+        """Bytes of keys and values this context holds."""
+        if self.compact is not None:
+            return sum(layer.kv_bytes() for layer in self.compact)
+        return sum(2 * k.numel() * k.element_size() for k in self.keys)
+
+    def compacted(self, masks: list[torch.Tensor | None]) -> SharedContext:
+        """The pairs of this context that ``masks`` (per layer, (kv_heads, n) or None) keep, packed."""
+        layers = [CompactLayer.from_dense(k[None], v[None], torch.zeros(k.shape[:2], dtype=torch.bool,
+                                                                         device=k.device)[None]
+                                          if mask is None else mask[None])
+                  for k, v, mask in zip(self.keys, self.values, masks, strict=True)]
+        for layer in layers:
+            if not layer.packed:  # nothing evicted: pack anyway so every layer has the same shape of state
+                layer._pack_dense(torch.zeros_like(layer.keys[..., 0], dtype=torch.bool))
+        return SharedContext([], [], self.length, layers)
 
     def blocked(self, layer: int, masks: list[torch.Tensor | None]) -> torch.Tensor | None:
         """Its rows' eviction masks of a layer stacked (rows, kv_heads, n), or None if none evicts anything.
@@ -95,6 +120,7 @@ class Row:
     payload: object = None
     tokens: list[int] = field(default_factory=list)
     compression_ratio: float | None = None
+    decode_seconds: float = 0.0  # this row's share of the wall time of the forwards it took part in
 
 
 class _Slots:
@@ -200,6 +226,17 @@ def shared_context_attention(module: nn.Module, query: torch.Tensor, key: torch.
     output = torch.empty(rows, kv_heads, groups, q_len, head_dim, dtype=torch.float32, device=device)
     for context, members in _by_context(slots.rows[forward.start:forward.stop]):
         part = slice(members[0], members[-1] + 1) if _contiguous(members) else torch.tensor(members, device=device)
+        if context.compact is not None:
+            # one press's kept pairs: its partial softmax, rescaled to the maximum over both parts
+            context_max, context_total, weighted = context.compact[layer].partial_attention(queries[part], scaling)
+            own = own_logits[part]
+            maximum = torch.maximum(context_max, own.amax(-1))
+            context_scale = torch.exp(context_max - maximum)
+            own_exp = torch.exp(own - maximum[..., None])
+            total = context_total * context_scale + own_exp.sum(-1)
+            own_weights[part] = own_exp / total[..., None]
+            output[part] = weighted * (context_scale / total)[..., None]
+            continue
         context_keys, context_values = context.keys[layer], context.values[layer]
         context_logits = torch.einsum("rkgqd,knd->rkgqn", queries[part], context_keys).float() * scaling
         blocked = context.blocked(layer, [slots.rows[forward.start + i].evicted[layer] for i in members])
@@ -288,9 +325,13 @@ class BatchedDecoder:
                                device=self.device)
         position_ids = offsets[:, None] + torch.arange(width, device=self.device)
         forward = _Forward(self.slots, start, q_lens)
+        began = time.perf_counter()
         with self._decoding():
             logits = self.model(input_ids=ids, position_ids=position_ids, use_cache=False,
                                 **{ROWS_KWARG: forward}).logits
+        share = (time.perf_counter() - began) / len(rows)
+        for row in rows:
+            row.decode_seconds += share
         for i, q_len in enumerate(q_lens):
             self.slots.lengths[start + i] += q_len
         last = torch.tensor(q_lens, device=self.device) - 1
@@ -357,7 +398,8 @@ class BatchedDecoder:
             values = torch.cat([context.values[layer], self.slots.values[layer][slot, :, :length]], dim=1)[None]
             row.press.use_snapshot(row.state)
             row_kwargs = {**kwargs, "position_embeddings": (cos[i:i + 1, :q_len], sin[i:i + 1, :q_len])}
-            row.press.update_evictions(module, hidden_states[i:i + 1, :q_len], keys, values, None, row_kwargs)
+            row.press.update_evictions(module, hidden_states[i:i + 1, :q_len], (keys, values), keys.shape[2], None,
+                                        row_kwargs)
             evicted = row.press.evicted_mask(layer)
             if evicted is None:
                 continue

@@ -88,9 +88,35 @@ def hidden_states_from(args: tuple, kwargs: dict) -> torch.Tensor:
     return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
 
 
+def cache_layer(cache, layer_idx: int):
+    """One layer object of a cache (``cache.layers`` in every 5.x)."""
+    return cache.layers[layer_idx]
+
+
+def replace_cache_layer(cache, layer_idx: int, layer):
+    """Swap one layer object of a cache (compact storage replaces an empty ``DynamicLayer``); returns it."""
+    cache.layers[layer_idx] = layer
+    return layer
+
+
+def set_attn_implementation(model: nn.Module, name: str) -> None:
+    """Route the attention of every layer through ``name`` (a registered attention function), without the checks
+    of ``model.set_attn_implementation`` (which rejects names it does not know as kernels)."""
+    configs = {id(model.config): model.config}
+    for module in attention_modules(model):
+        configs[id(module.config)] = module.config
+    for config in configs.values():
+        config._attn_implementation = name
+
+
 def keys_values(cache, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cached keys and values of one layer, each (batch, kv_heads, k_len, head_dim); keys already carry RoPE."""
+    """Cached keys and values of one layer, each (batch, kv_heads, k_len, head_dim); keys already carry RoPE.
+
+    A compact layer's freed positions read as zeros (a copy: see ``CompactLayer.logical_keys_values``).
+    """
     layer = cache.layers[layer_idx]
+    if hasattr(layer, "logical_keys_values"):
+        return layer.logical_keys_values()
     if getattr(layer, "is_sliding", False):
         raise PressError(f"layer {layer_idx} uses a sliding-window cache, which presses cannot compress")
     if not hasattr(layer, "keys") or layer.keys is None or getattr(layer, "_quantized_keys", None) is not None:

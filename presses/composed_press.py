@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -41,5 +41,4 @@ class ComposedPress(BasePress):
 
 
 def _with_evicted(layer: LayerInputs, evicted: torch.Tensor) -> LayerInputs:
-    return LayerInputs(layer.module, layer.hidden_states, layer.keys, layer.values, layer.attentions, evicted,
-                       layer.kwargs)
+    return replace(layer, evicted=evicted)

@@ -35,10 +35,10 @@ class ContextPassPress(BasePress):
         self._modules = modules
 
     @contextmanager
-    def __call__(self, model: nn.Module, tokenizer=None) -> Iterator[ContextPassPress]:
+    def __call__(self, model: nn.Module, tokenizer=None, kv_storage: str = "compact") -> Iterator[ContextPassPress]:
         """The base hooks, plus a hook on the base model that scores and selects once a prefill is done."""
         self._scoring = False
-        with super().__call__(model, tokenizer):
+        with super().__call__(model, tokenizer, kv_storage):
             handle = self._base_model.register_forward_hook(self._after_prefill, with_kwargs=True)
             try:
                 yield self

@@ -7,7 +7,8 @@ to the context and the press's state restored, so every question sees the same c
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -21,6 +22,8 @@ from transformers.generation.logits_process import (
 
 from presses import compat
 from presses.base_press import BasePress
+from presses.compact_cache import CompactLayer, compact_layers
+from presses.errors import PressError
 from presses.no_press import NoPress
 
 
@@ -100,6 +103,58 @@ def decode(
     return generated
 
 
+def prefill(model: nn.Module, cache, context_ids: torch.Tensor, press: BasePress,
+            chunk_size: int | None = None) -> None:
+    """Prefill ``context_ids`` (1, n) into ``cache`` under ``press`` (already entered): at once, or in chunks of
+    ``chunk_size`` tokens, the press compressing after each (DMS's own inference; threshold presses only)."""
+    cache_kwarg = compat.model_cache_kwarg()
+    n = context_ids.shape[1]
+    if chunk_size is None or chunk_size >= n:
+        model(input_ids=context_ids, **{cache_kwarg: cache}, use_cache=True)
+        return
+    if press.knob != "threshold":
+        raise PressError(f"chunked prefill (prefill_chunk_size) needs a threshold press (dms, kvzap_*), not "
+                         f"{type(press).__name__}, which scores the whole context at once: drop prefill_chunk_size")
+    model(input_ids=context_ids[:, :chunk_size], **{cache_kwarg: cache}, use_cache=True)
+    with press.prefilling_context():
+        for start in range(chunk_size, n, chunk_size):
+            model(input_ids=context_ids[:, start:start + chunk_size], **{cache_kwarg: cache}, use_cache=True)
+
+
+def kv_bytes(cache) -> int:
+    """Bytes of keys and values a cache holds now (a compact layer counts what it holds, padding included)."""
+    total = 0
+    for layer in cache.layers:
+        if isinstance(layer, CompactLayer):
+            total += layer.kv_bytes()
+        elif getattr(layer, "keys", None) is not None:
+            total += 2 * layer.keys.numel() * layer.keys.element_size()
+    return total
+
+
+def dense_kv_bytes(model: nn.Module, n_tokens: int, dtype: torch.dtype, batch: int = 1) -> int:
+    """Bytes a dense cache holds for ``n_tokens`` tokens in every layer (sliding layers counted at full length)."""
+    config = compat.text_config(model)
+    head_dim = compat.head_dim(compat.decoder_layers(model)[0].self_attn)
+    return 2 * batch * config.num_hidden_layers * config.num_key_value_heads * head_dim * n_tokens * (
+        torch.finfo(dtype).bits // 8)
+
+
+@dataclass
+class Measures:
+    """What one context cost: KV bytes (dense equivalent, held after the prefill, held at the end of each answer,
+    the cache's peak) and wall time of the prefill and of the decoding."""
+
+    kv_bytes_dense: int = 0
+    kv_bytes_held_after_prefill: int = 0
+    kv_bytes_held_end: list[int] = field(default_factory=list)
+    kv_bytes_peak: int = 0
+    prefill_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_tokens: int = 0
+    decode_seconds: float = 0.0
+
+
 @torch.no_grad()
 def answer_questions(
     model: nn.Module,
@@ -108,27 +163,70 @@ def answer_questions(
     question_ids: list[torch.Tensor],
     press: BasePress | None = None,
     settings: GenerationSettings | None = None,
+    kv_storage: str = "compact",
+    prefill_chunk_size: int | None = None,
+    measures: Measures | None = None,
 ) -> tuple[list[Answer], float]:
     """Prefill ``context_ids`` (1, n) once under ``press``, then answer each question from that cache.
 
     Returns the answers and the compression the press achieved on the context. Sampling is seeded per question
-    (``settings.seed + index``), so results do not depend on how many questions share a context.
+    (``settings.seed + index``), so results do not depend on how many questions share a context. ``kv_storage``
+    and ``prefill_chunk_size``: see :meth:`BasePress.__call__` and :func:`prefill`. ``measures``, if given, is
+    filled with what the context cost.
     """
     press = press or NoPress()
     settings = settings or GenerationSettings()
+    measures = measures if measures is not None else Measures()
     eos_ids = eos_token_ids(model, tokenizer)
     cache = DynamicCache(config=model.config)
     answers: list[Answer] = []
-    with press(model, tokenizer):
-        model(input_ids=context_ids, **{compat.model_cache_kwarg(): cache}, use_cache=True)
+    with press(model, tokenizer, kv_storage=kv_storage):
+        start = time.perf_counter()
+        prefill(model, cache, context_ids, press, prefill_chunk_size)
+        measures.prefill_seconds += time.perf_counter() - start
+        measures.prefill_tokens += int(context_ids.shape[1])
         context_ratio = press.achieved_compression_ratio
         context_length = cache.get_seq_length()
+        _free_evicted(press, cache)
+        measures.kv_bytes_dense = dense_kv_bytes(model, context_length, next(model.parameters()).dtype)
+        measures.kv_bytes_held_after_prefill = kv_bytes(cache)
         compressed = press.snapshot()
+        # A press that evicts while decoding frees context pairs too: later questions need them back.
+        stored = [layer.state_copy() for layer in compact_layers(cache)] if (
+            press.compresses_while_decoding and len(question_ids) > 1) else None
         for index, ids in enumerate(question_ids):
+            if stored is not None and index > 0:
+                for layer, state in zip(compact_layers(cache), stored, strict=True):
+                    layer.load_state(state)
             compat.crop_cache(cache, context_length)
             press.restore(compressed)
             generator = torch.Generator(device=ids.device).manual_seed(settings.seed + index)
+            start = time.perf_counter()
             tokens = decode(model, cache, ids, settings, eos_ids, generator)
+            measures.decode_seconds += time.perf_counter() - start
+            measures.decode_tokens += len(tokens)
+            _free_evicted(press, cache)
+            measures.kv_bytes_held_end.append(kv_bytes(cache))
             text = tokenizer.decode(tokens, skip_special_tokens=True) if tokenizer is not None else ""
             answers.append(Answer(text, tokens, press.achieved_compression_ratio))
+    measures.kv_bytes_peak = max(measures.kv_bytes_peak, _peak(cache))
     return answers, context_ratio
+
+
+def _free_evicted(press: BasePress, cache) -> None:
+    """Mirror the press's latest evictions into compact layers now (they are otherwise applied lazily, at the next
+    forward of each layer), so what is measured is what the press keeps."""
+    for index, layer in enumerate(cache.layers):
+        if isinstance(layer, CompactLayer):
+            layer.apply_evictions(press.evicted_mask(index))
+
+
+def _peak(cache) -> int:
+    """The most bytes of keys and values the cache held at once (compact layers share a running total; dense
+    layers only grow, so their final size is their peak)."""
+    layers = compact_layers(cache)
+    peak = layers[0].tracker.peak if layers else 0
+    for layer in cache.layers:
+        if not isinstance(layer, CompactLayer) and getattr(layer, "keys", None) is not None:
+            peak += 2 * layer.keys.numel() * layer.keys.element_size()
+    return peak

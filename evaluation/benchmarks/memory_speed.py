@@ -1,0 +1,221 @@
+"""What compact KV storage saves, measured side by side: ``python -m evaluation.benchmarks.memory_speed``.
+
+For each model and shape (batch x context tokens) and each press (knorm, adakv_snapkv, kvzap_mlp at ~50%
+compression), prints the KV bytes held over a dense cache's, and the time of one decoding step over a dense
+cache's, for compact storage (pairs freed) and for masked storage (kvpress's way: every pair kept, evicted ones
+masked). Steps are timed interleaved (dense, mask, compact, repeated) so all see the same machine load; the median
+is kept. ``bound`` is the physical bound of a step that must read the weights and the KV bytes held:
+(weights + held) / (weights + dense).
+
+The cache is filled with random keys and values (a step's time does not depend on their content); each press
+decides on them from random hidden states (kvzap_mlp: the threshold is set at the median score, for ~50%).
+Models: the embedded model (kvtiny, its shipped surrogate) and 2 randomly initialised Qwen3-8B-shaped layers in
+float32 with a random 512-wide KVzap surrogate. Then, on kvtiny over a real RULER context, the prefill's KV peak
+of kvzap_mlp with ``--prefill_chunk_size`` against a dense prefill's.
+
+The last line is ``kv_bytes_ratio=... decode_step_ratio=...``: the worst press at batch 12 x 16k tokens on the
+8B-shaped layers (compact storage).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import fire
+import torch
+from transformers import DynamicCache, Qwen3Config, Qwen3ForCausalLM
+
+from evaluation.models import load_model
+from presses import build_press, compat
+from presses.base_press import LayerInputs
+from presses.compact_cache import CompactLayer
+from presses.kvzap_press import KVzapConfig, KVzapModel
+
+QWEN3_8B = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                intermediate_size=12288)
+PRESSES = ("knorm", "adakv_snapkv", "kvzap_mlp")
+
+
+def qwen3_8b_layers(n_layers: int = 2) -> Qwen3ForCausalLM:
+    config = Qwen3Config(**QWEN3_8B, num_hidden_layers=n_layers, vocab_size=1024, max_position_embeddings=40000,
+                         attn_implementation="sdpa")
+    torch.manual_seed(0)
+    return Qwen3ForCausalLM(config).eval()
+
+
+def make_press(name: str, model, kvzap_surrogate: KVzapModel | None):
+    if name == "kvzap_mlp":
+        press = build_press(name, threshold=0.0)
+        press.press.surrogate = kvzap_surrogate
+    else:
+        press = build_press(name, compression_ratio=0.5)
+    press.post_init_from_model(model)
+    return press
+
+
+def eviction_masks(model, press, keys: list[torch.Tensor], name: str) -> list[torch.Tensor]:
+    """Per layer, the press's eviction mask (batch, kv_heads, n) over the random cache, from random hidden states."""
+    config = compat.text_config(model)
+    modules = compat.attention_modules(model)
+    batch, _, n, _ = keys[0].shape
+    generator = torch.Generator().manual_seed(1)
+    masks = []
+    for module, layer_keys in zip(modules, keys, strict=True):
+        rows = []
+        for b in range(batch):  # one row at a time: hidden states of 16k tokens x 4096 are 256 MB a row
+            hidden = torch.randn(1, n, config.hidden_size, generator=generator)
+            cos, sin = model.model.rotary_emb(hidden[:, :1], torch.arange(n)[None])
+            evicted = torch.zeros(1, layer_keys.shape[1], n, dtype=torch.bool)
+            layer = LayerInputs(module, hidden, (layer_keys[b:b + 1], layer_keys[b:b + 1]), None, evicted,
+                                {"position_embeddings": (cos, sin)})
+            if name == "kvzap_mlp":
+                scores = press.press.scores_for(layer).float()
+                rows.append(scores)
+            else:
+                rows.append(press.compress(layer))
+            del hidden
+        if name == "kvzap_mlp":
+            scores = torch.cat(rows)
+            threshold = scores[..., : n - press.sliding_window_size].median()
+            evicted = scores < threshold
+            evicted[..., n - press.sliding_window_size:] = False
+            masks.append(evicted)
+        else:
+            masks.append(torch.cat(rows))
+    return masks
+
+
+def dense_cache(model, keys, values) -> DynamicCache:
+    cache = DynamicCache(config=model.config)
+    for layer, k, v in zip(cache.layers, keys, values, strict=True):
+        layer.lazy_initialization(k, v)
+        layer.keys, layer.values = k, v  # no copy: the same tensors for every storage
+    return cache
+
+
+def compact_cache(model, keys, values, masks) -> DynamicCache:
+    cache = DynamicCache(config=model.config)
+    for index, (k, v, mask) in enumerate(zip(keys, values, masks, strict=True)):
+        compat.replace_cache_layer(cache, index, CompactLayer.from_dense(k, v, mask))
+    return cache
+
+
+def step_seconds(model, cache, press, storage: str, masks, batch: int) -> float:
+    """One decoding step (one token per row) after the cache; the cache is cut back after it."""
+    ids = torch.zeros(batch, 1, dtype=torch.long)
+    with press(model, kv_storage=storage):
+        for index, mask in enumerate(masks):
+            press.layer_state(index)["evicted"] = mask
+        for index, _layer in enumerate(compat.attention_modules(model)):
+            cache_layer = compat.cache_layer(cache, index)
+            if isinstance(cache_layer, CompactLayer):
+                cache_layer.applied = masks[index]
+        start = time.perf_counter()
+        with torch.no_grad():
+            model(input_ids=ids, **{compat.model_cache_kwarg(): cache}, use_cache=True)
+        elapsed = time.perf_counter() - start
+    compat.crop_cache(cache, cache.get_seq_length() - 1)
+    return elapsed
+
+
+def kv_bytes_of(cache) -> int:
+    total = 0
+    for layer in cache.layers:
+        if isinstance(layer, CompactLayer):
+            total += layer.kv_bytes()
+        else:
+            total += 2 * layer.keys.numel() * layer.keys.element_size()
+    return total
+
+
+def measure_shape(model, surrogate, batch: int, n: int, repeats: int) -> list[dict]:
+    config = compat.text_config(model)
+    head_dim = compat.head_dim(compat.attention_modules(model)[0])
+    generator = torch.Generator().manual_seed(0)
+    shape = (batch, config.num_key_value_heads, n, head_dim)
+    keys = [torch.randn(shape, generator=generator) for _ in range(config.num_hidden_layers)]
+    values = [torch.randn(shape, generator=generator) for _ in range(config.num_hidden_layers)]
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    dense = dense_cache(model, keys, values)
+    dense_bytes = kv_bytes_of(dense)
+    no_press = build_press("no_press")
+    results = []
+    for name in PRESSES:
+        press = make_press(name, model, surrogate)
+        masks = eviction_masks(model, press, keys, name)
+        kept = 1 - sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks)
+        compact = compact_cache(model, keys, values, masks)
+        held = kv_bytes_of(compact)
+        times = {"dense": [], "mask": [], "compact": []}
+        for _ in range(repeats + 1):  # the first round warms up, and is dropped
+            times["dense"].append(step_seconds(model, dense, no_press, "mask", [], batch))
+            times["mask"].append(step_seconds(model, dense, press, "mask", masks, batch))
+            times["compact"].append(step_seconds(model, compact, press, "compact", masks, batch))
+        median = {k: statistics.median(v[1:]) for k, v in times.items()}
+        results.append({"press": name, "achieved": 1 - kept, "kv_bytes_ratio": held / dense_bytes,
+                        "mask_step_ratio": median["mask"] / median["dense"],
+                        "compact_step_ratio": median["compact"] / median["dense"],
+                        "bound": (weights + held) / (weights + dense_bytes), "dense_step_ms": 1000 * median["dense"],
+                        "dense_kv_gb": dense_bytes / 1e9, "weights_gb": weights / 1e9})
+        del compact, masks
+    return results
+
+
+def prefill_peak(chunk_size: int, length: int) -> dict:
+    """kvzap_mlp's KV peak during the prefill of a RULER context, chunked and not, over a dense prefill's."""
+    from evaluation.datasets.ruler_synthetic import generate_task
+    from presses.generation import GenerationSettings, Measures, answer_questions
+    from presses.pipeline import encode_prompt
+
+    model, tokenizer = load_model("kvtiny", "cpu")
+    record = generate_task("niah_single_1", tokenizer, length, num_samples=1)[0]
+    parts = encode_prompt(tokenizer, record["context"], [record["question"]], record["answer_prefix"])
+    peaks = {}
+    for label, name, kwargs, chunk in (("dense", "no_press", {}, None),
+                                       ("kvzap_mlp", "kvzap_mlp", {"threshold": -4.0}, None),
+                                       ("kvzap_mlp chunked", "kvzap_mlp", {"threshold": -4.0}, chunk_size)):
+        measures = Measures()
+        answer_questions(model, tokenizer, parts.context_ids, parts.question_ids, build_press(name, **kwargs),
+                         GenerationSettings(max_new_tokens=1), "compact", chunk, measures)
+        peaks[label] = measures
+    dense = peaks["dense"].kv_bytes_peak
+    return {label: {"peak_ratio": m.kv_bytes_peak / dense, "held_ratio": m.kv_bytes_held_after_prefill / dense}
+            for label, m in peaks.items()}
+
+
+def main(repeats: int = 3, threads: int = 1, big_batch: int = 12, skip_8b: bool = False,
+         chunk_size: int = 512) -> None:
+    torch.set_num_threads(threads)
+    kvtiny, _ = load_model("kvtiny", "cpu")
+    kvtiny_surrogate = make_press("kvzap_mlp", kvtiny, None).press.surrogate
+    models = [("kvtiny", kvtiny, kvtiny_surrogate)]
+    if not skip_8b:
+        big = qwen3_8b_layers()
+        torch.manual_seed(0)
+        surrogate = KVzapModel(KVzapConfig(input_dim=4096, output_dim=8, n_modules=2, hidden_dim=512)).eval()
+        models.append(("qwen3-8b x2 layers", big, surrogate))
+    print(f"{'model':<20} {'batch x tokens':>14} {'press':<13} {'achieved':>8} {'KV held':>8} {'mask step':>9} "
+          f"{'compact step':>12} {'bound':>6} {'dense step':>10}")
+    headline = None
+    with torch.no_grad():
+        for label, model, surrogate in models:
+            for batch, n in ((1, 4096), (1, 16384), (big_batch, 16384)):
+                rows = measure_shape(model, surrogate, batch, n, repeats)
+                for row in rows:
+                    print(f"{label:<20} {f'{batch} x {n}':>14} {row['press']:<13} {row['achieved']:>8.3f} "
+                          f"{row['kv_bytes_ratio']:>8.3f} {row['mask_step_ratio']:>9.3f} "
+                          f"{row['compact_step_ratio']:>12.3f} {row['bound']:>6.3f} {row['dense_step_ms']:>8.1f}ms",
+                          flush=True)
+                if label.startswith("qwen3") and batch == big_batch:
+                    headline = (max(r["kv_bytes_ratio"] for r in rows), max(r["compact_step_ratio"] for r in rows))
+    peaks = prefill_peak(chunk_size, 4096)
+    for label, row in peaks.items():
+        print(f"prefill of a 4k RULER context on kvtiny, {label}: KV peak {row['peak_ratio']:.3f} of a dense "
+              f"prefill's, held after {row['held_ratio']:.3f}")
+    if headline is not None:
+        print(f"kv_bytes_ratio={headline[0]:.3f} decode_step_ratio={headline[1]:.3f}")
+
+
+if __name__ == "__main__":
+    fire.Fire(main)

@@ -1,0 +1,422 @@
+"""Compact KV storage: once a press has evicted pairs, they are physically gone from the cache.
+
+A :class:`CompactLayer` is a transformers cache layer (a drop-in for ``DynamicLayer``, so any ``DynamicCache`` and
+``model.generate`` keep working). It starts dense, like ``DynamicLayer``; the first time its press evicts pairs,
+it *packs* the kept pairs and frees the rest. After that it holds two regions:
+
+- **pages**: the kept pairs of the packed part, per (batch row, KV head), in pages of ``P`` pairs; a page belongs to
+  one (row, head) and its unused tail slots are padding. When every head keeps the same count ``c`` (ratio presses
+  without head-wise budgets) the pages are exactly ``(batch * kv_heads, c, head_dim)``, i.e. the
+  (batch, kv_heads, kept, head_dim) layout with no padding. Head-wise presses (AdaKV budgets, DMS/KVzap
+  thresholds) get ``P = PAGE_SIZE`` pages, so a head's bytes track its kept pairs within ``P - 1`` slots.
+- **recent**: tokens appended since the last packing (question, generated tokens), dense (batch, kv_heads, r,
+  head_dim), all heads alike. Pairs a decoding press evicts there are masked until the region is folded into the
+  pages (when it has grown past :data:`FOLD_MIN` tokens and an eighth of the pages), so freeing costs O(1)
+  amortised per evicted pair rather than a repack per step.
+
+Why pages and not padding to the layer's largest head: measured on kvtiny at 50% (RULER 1k), AdaKV-SnapKV keeps
+0.500 of the pairs but padding every head of a layer to its largest head holds 0.617 of the dense bytes, and
+AdaKV-Expected-Attention 0.681. Pages of 64 hold 0.50-0.52 (README, "How memory is held").
+
+Positions: keys are cached after RoPE, so a packed key keeps its true rotation; new tokens get their true positions
+from the model (the cache reports the logical length, tokens seen so far, not the packed length). Evictions are
+mirrored from the press's logical mask (batch, kv_heads, tokens seen) by :meth:`CompactLayer.apply_evictions`.
+
+Attention (:func:`compact_attention`): the dense prefill uses the model's own sdpa or eager kernel. Later forwards
+attend to the pages and the recent region at once: one batched matmul per region, a max and a sum per (row, head)
+combined across pages with ``scatter_reduce``/``index_add``, softmax in float32. The cost of a step is proportional
+to the pairs held, and nothing in it grows with the eviction history. flash-attention's varlen kernel is not used:
+forwards after the prefill take this path whatever the model's implementation (see README).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.cache_utils import DynamicLayer
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+PAGE_SIZE = 64  # pairs per page for head-wise layouts (README: 32-128 measured, 64 balances padding and speed)
+FOLD_MIN = 256  # recent tokens before evicted ones there are freed by folding the region into the pages
+EMPTY = torch.iinfo(torch.int32).max  # page slot without a pair (padding or freed)
+STORAGE_KWARG = "kvpress_compact"
+# attention name while a compact cache is in use -> the model's own implementation, used for the dense prefill
+COMPACT_ATTENTION = {"kvpress_compact_sdpa": "sdpa", "kvpress_compact_eager": "eager"}
+
+
+class ByteTracker:
+    """Running total and peak of the key and value bytes held by the compact layers of one cache."""
+
+    def __init__(self) -> None:
+        self.current = 0
+        self.peak = 0
+
+    def add(self, delta: int) -> None:
+        self.current += delta
+        self.peak = max(self.peak, self.current)
+
+
+class CompactLayer(DynamicLayer):
+    """A cache layer whose evicted pairs are freed. Dense (``DynamicLayer``) until its first :meth:`apply_evictions`
+    that removes something, packed after."""
+
+    def __init__(self, tracker: ByteTracker | None = None) -> None:
+        super().__init__()
+        self.packed = False
+        self.applied: torch.Tensor | None = None  # the eviction mask last mirrored (batch, kv_heads, tokens seen)
+        self.tracker = tracker or ByteTracker()
+        self.accounted = 0  # this layer's bytes as last told to the tracker
+
+    # -- transformers' cache layer interface ------------------------------------------------------------------
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.packed:
+            keys, values = super().update(key_states, value_states, *args, **kwargs)
+            self._note_peak()
+            return keys, values
+        batch, heads, q_len, dim = key_states.shape
+        end = self.recent_len + q_len
+        if end > self.recent_keys.shape[2]:
+            capacity = max(end, self.recent_keys.shape[2] + max(64, self.recent_keys.shape[2] // 4))
+            self.recent_keys = _grow(self.recent_keys, capacity)
+            self.recent_values = _grow(self.recent_values, capacity)
+            self.recent_evicted = _grow(self.recent_evicted, capacity)
+        self.recent_keys[:, :, self.recent_len:end] = key_states
+        self.recent_values[:, :, self.recent_len:end] = value_states
+        self.recent_evicted[:, :, self.recent_len:end] = False
+        self.recent_len = end
+        self._note_peak()
+        return key_states, value_states  # attention reads the layer itself (compact_attention)
+
+    def get_seq_length(self) -> int:
+        if not self.packed:
+            return super().get_seq_length()
+        return self.recent_start + self.recent_len
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if not self.packed:
+            super().crop(tokens_to_remove)
+            self._note_peak()
+            return
+        if tokens_to_remove >= 0:
+            raise ValueError("CompactLayer.crop takes the number of tokens to remove, as a negative integer")
+        length = self.get_seq_length() + tokens_to_remove
+        if length >= self.recent_start:
+            self.recent_len = length - self.recent_start
+        else:  # cut into the pages: free their slots from ``length`` on
+            cut = (self.page_positions >= length) & (self.page_positions != EMPTY)
+            self.page_positions[cut] = EMPTY
+            self.uniform = self.uniform and not bool(cut.any())
+            self.recent_start, self.recent_len = length, 0
+        if self.applied is not None:
+            self.applied = self.applied[..., :length]
+        self._note_peak()
+
+    def reset(self) -> None:
+        super().reset()
+        self.packed = False
+        self.applied = None
+        self._note_peak()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.packed:
+            raise NotImplementedError("a packed compact cache cannot be expanded (beam search): use kv_storage='mask'")
+        super().batch_repeat_interleave(repeats)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.packed:
+            raise NotImplementedError("a packed compact cache cannot select rows: use kv_storage='mask'")
+        super().batch_select_indices(indices)
+
+    # -- evictions ------------------------------------------------------------------------------------------
+
+    def apply_evictions(self, evicted: torch.Tensor) -> None:
+        """Free the pairs that ``evicted`` (batch, kv_heads, n) marks and this layer still holds."""
+        if evicted is None or evicted is self.applied:
+            return
+        if not self.packed:
+            if bool(evicted.any()):
+                self._pack_dense(evicted)
+            self.applied = evicted
+            return
+        n = evicted.shape[-1]
+        applied = self.applied
+        if applied is None or applied.shape[-1] < n:
+            applied = _pad_false(applied, evicted.shape, n)
+        newly = evicted & ~applied[..., :n]
+        self.applied = evicted
+        if not bool(newly.any()):
+            return
+        start = self.recent_start
+        if bool(newly[..., :start].any()):  # pairs in the pages: free their slots
+            flat = newly[..., :start].reshape(-1, start)
+            occupied = self.page_positions != EMPTY
+            slot_positions = torch.where(occupied, self.page_positions, 0).long()
+            freed = flat[self.page_owner[:, None], slot_positions] & occupied
+            self.page_positions[freed] = EMPTY
+            self.uniform = self.uniform and not bool(freed.any())
+            if int((self.page_positions == EMPTY).sum()) > self.page_positions.numel() // 4:
+                self._fold()
+        recent = newly[..., start:start + self.recent_len]
+        if recent.shape[-1]:
+            self.recent_evicted[:, :, : recent.shape[-1]] |= recent
+        if self.recent_len >= max(FOLD_MIN, self.page_positions.numel() // (8 * max(1, self.page_owner.numel()))):
+            if bool(self.recent_evicted[:, :, : self.recent_len].any()):
+                self._fold()
+
+    def _pack_dense(self, evicted: torch.Tensor) -> None:
+        batch, heads, n, dim = self.keys.shape
+        owner = torch.arange(batch * heads, device=self.device).repeat_interleave(n)
+        positions = torch.arange(n, device=self.device).repeat(batch * heads)
+        self._pack(self.keys.reshape(-1, dim), self.values.reshape(-1, dim), owner, positions,
+                   ~evicted.reshape(-1), batch, heads)
+        self.recent_start = n
+        self.keys = self.values = None
+        self._note_peak()
+
+    def _fold(self) -> None:
+        """Repack the pages' held pairs and the recent region's kept ones into new pages (frees both)."""
+        batch, heads = self.batch, self.heads
+        dim = self.page_keys.shape[-1]
+        bh = batch * heads
+        r = self.recent_len
+        page_owner = self.page_owner[:, None].expand_as(self.page_positions).reshape(-1)
+        recent_owner = torch.arange(bh, device=self.device).repeat_interleave(r)
+        recent_positions = (self.recent_start + torch.arange(r, device=self.device)).repeat(bh)
+        keys = torch.cat([self.page_keys.reshape(-1, dim), self.recent_keys[:, :, :r].reshape(-1, dim)])
+        values = torch.cat([self.page_values.reshape(-1, dim), self.recent_values[:, :, :r].reshape(-1, dim)])
+        owner = torch.cat([page_owner, recent_owner])
+        positions = torch.cat([self.page_positions.reshape(-1).long(), recent_positions])
+        keep = torch.cat([self.page_positions.reshape(-1) != EMPTY, ~self.recent_evicted[:, :, :r].reshape(-1)])
+        end = self.recent_start + r
+        self._pack(keys, values, owner, positions, keep, batch, heads)
+        self.recent_start = end
+        self._note_peak()
+
+    def _pack(self, keys: torch.Tensor, values: torch.Tensor, owner: torch.Tensor, positions: torch.Tensor,
+              keep: torch.Tensor, batch: int, heads: int) -> None:
+        """Pages from flat pairs (N, head_dim) with their owner (row * heads + head) and position, kept ones only."""
+        bh = batch * heads
+        index = keep.nonzero().squeeze(1)
+        owner, positions = owner[index], positions[index]
+        order = torch.argsort(owner * (int(positions.max()) + 1 if positions.numel() else 1) + positions, stable=True)
+        index, owner, positions = index[order], owner[order], positions[order]
+        counts = torch.bincount(owner, minlength=bh)
+        uniform = bool((counts == counts[0]).all()) and int(counts[0]) > 0
+        page = int(counts[0]) if uniform else PAGE_SIZE
+        pages_per_owner = (counts + page - 1) // page
+        first_page = torch.cumsum(pages_per_owner, 0) - pages_per_owner
+        first_pair = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(owner.numel(), device=owner.device) - first_pair[owner]
+        slot = (first_page[owner] + rank // page) * page + rank % page
+        n_pages = int(pages_per_owner.sum())
+        dim = keys.shape[-1]
+        page_keys = keys.new_zeros(n_pages * page, dim)
+        page_values = values.new_zeros(n_pages * page, dim)
+        page_positions = torch.full((n_pages * page,), EMPTY, dtype=torch.int32, device=keys.device)
+        page_keys[slot] = keys[index]
+        page_values[slot] = values[index]
+        page_positions[slot] = positions.to(torch.int32)
+        self.page_keys = page_keys.view(n_pages, page, dim)
+        self.page_values = page_values.view(n_pages, page, dim)
+        self.page_positions = page_positions.view(n_pages, page)
+        self.page_owner = torch.arange(bh, device=keys.device).repeat_interleave(pages_per_owner)
+        self.uniform = uniform  # one full page per (row, head), in order: no gather, no scatter
+        self.batch, self.heads = batch, heads
+        self.recent_keys = keys.new_zeros(batch, heads, 0, dim)
+        self.recent_values = values.new_zeros(batch, heads, 0, dim)
+        self.recent_evicted = torch.zeros(batch, heads, 0, dtype=torch.bool, device=keys.device)
+        self.recent_len = 0
+        self.packed = True
+
+    # -- views and accounting -------------------------------------------------------------------------------
+
+    def logical_keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values over every position seen (batch, kv_heads, n, head_dim), zeros where freed.
+
+        For presses that score the whole cache while decoding; a copy once packed, so only read when needed.
+        """
+        if not self.packed:
+            return self.keys, self.values
+        n, bh, dim = self.get_seq_length(), self.batch * self.heads, self.page_keys.shape[-1]
+        out = []
+        for pages, recent in ((self.page_keys, self.recent_keys), (self.page_values, self.recent_values)):
+            dense = pages.new_zeros(bh * n, dim)
+            held = self.page_positions != EMPTY
+            owner = self.page_owner[:, None].expand_as(self.page_positions)
+            dense[(owner[held] * n + self.page_positions[held].long())] = pages[held]
+            dense = dense.view(self.batch, self.heads, n, dim)
+            dense[:, :, self.recent_start:] = recent[:, :, : self.recent_len]
+            out.append(dense)
+        return out[0], out[1]
+
+    def kv_bytes(self) -> int:
+        """Bytes of key and value tensors this layer holds now (padding included, spare growth room excluded)."""
+        if not self.packed:
+            return 0 if self.keys is None else 2 * self.keys.numel() * self.keys.element_size()
+        recent = self.recent_keys[:, :, : self.recent_len]
+        return 2 * (self.page_keys.numel() + recent.numel()) * self.page_keys.element_size()
+
+    def index_bytes(self) -> int:
+        """Bytes of bookkeeping beside the pairs (page positions and owners, recent eviction flags)."""
+        if not self.packed:
+            return 0
+        return (self.page_positions.numel() * 4 + self.page_owner.numel() * self.page_owner.element_size()
+                + self.recent_evicted[:, :, : self.recent_len].numel())
+
+    def _note_peak(self) -> None:
+        held = self.kv_bytes()
+        self.tracker.add(held - self.accounted)
+        self.accounted = held
+
+    def state_copy(self) -> dict:
+        """A copy of what the layer holds, for :meth:`load_state` (several questions after a decoding press)."""
+        return {name: value.clone() if isinstance(value, torch.Tensor) else value
+                for name, value in self.__dict__.items() if name not in ("tracker", "accounted")}
+
+    def load_state(self, state: dict) -> None:
+        self.__dict__.update({name: value.clone() if isinstance(value, torch.Tensor) else value
+                              for name, value in state.items()})
+        self._note_peak()
+
+    @classmethod
+    def from_dense(cls, keys: torch.Tensor, values: torch.Tensor, evicted: torch.Tensor) -> CompactLayer:
+        """A packed layer holding the pairs of ``keys``/``values`` (batch, kv_heads, n, head_dim) not in
+        ``evicted`` (a copy: the dense tensors stay as they are)."""
+        layer = cls()
+        layer.update(keys, values)
+        layer.apply_evictions(evicted)
+        return layer
+
+    # -- attention ------------------------------------------------------------------------------------------
+
+    def partial_attention(self, queries: torch.Tensor, scaling: float
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Unnormalised attention of several rows over this (batch 1, packed, no recent tokens) layer's pairs.
+
+        ``queries`` (rows, kv_heads, groups, q, head_dim). Returns the logit maximum and the sum of exp(logit -
+        maximum), each (rows, kv_heads, groups, q), and the weighted values (rows, kv_heads, groups, q, head_dim),
+        in float32, for the caller to combine with attention over other keys (the sweep engine's own tokens).
+        """
+        rows, heads, groups, q_len, dim = queries.shape
+        if self.uniform:
+            logits = torch.einsum("rkgqd,kcd->rkgqc", queries, self.page_keys).float() * scaling
+            maximum = logits.amax(-1).clamp(min=torch.finfo(torch.float32).min)  # a head without pairs: 0 weight
+            weights = torch.exp(logits - maximum[..., None])
+            output = torch.einsum("rkgqc,kcd->rkgqd", weights.to(self.page_values.dtype), self.page_values)
+            return maximum, weights.sum(-1), output.float()
+        owner = self.page_owner
+        logits = torch.einsum("rbgqd,bpd->rbgqp", queries[:, owner], self.page_keys).float() * scaling
+        logits.masked_fill_((self.page_positions == EMPTY)[None, :, None, None, :], float("-inf"))
+        page_max = logits.amax(-1)  # (rows, pages, groups, q)
+        index = owner[None, :, None, None].expand_as(page_max)
+        maximum = page_max.new_full((rows, heads, groups, q_len), float("-inf")).scatter_reduce(
+            1, index, page_max, "amax").clamp(min=torch.finfo(torch.float32).min)
+        weights = torch.exp(logits - maximum[:, owner][..., None])
+        total = page_max.new_zeros(rows, heads, groups, q_len).index_add_(1, owner, weights.sum(-1))
+        page_output = torch.einsum("rbgqp,bpd->rbgqd", weights.to(self.page_values.dtype), self.page_values)
+        output = queries.new_zeros(rows, heads, groups, q_len, dim, dtype=torch.float32).index_add_(
+            1, owner, page_output.float())
+        return maximum, total, output
+
+    def attend(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        """Attention of this forward's queries (batch, num_heads, q, head_dim) over everything the layer holds
+        (this forward's tokens are already in the recent region). Returns (batch, q, num_heads, head_dim)."""
+        batch, num_heads, q_len, dim = query.shape
+        heads = self.heads
+        groups = num_heads // heads
+        bh = batch * heads
+        gq = groups * q_len
+        queries = query.reshape(bh, gq, dim)
+        # recent region: dense; a key is visible if not evicted and not after the query
+        r = self.recent_len
+        recent_keys = self.recent_keys[:, :, :r].reshape(bh, r, dim)
+        recent_values = self.recent_values[:, :, :r].reshape(bh, r, dim)
+        recent_logits = torch.bmm(queries, recent_keys.transpose(1, 2)).float().mul_(scaling)  # (bh, gq, r)
+        blocked = self.recent_evicted[:, :, :r].reshape(bh, 1, r)
+        if q_len > 1:
+            first = r - q_len  # recent index of this forward's first token
+            future = torch.arange(r, device=query.device)[None, :] > first + torch.arange(q_len, device=query.device)[
+                :, None]  # (q, r)
+            blocked = blocked | future.repeat(groups, 1)[None]
+        recent_logits.masked_fill_(blocked, float("-inf"))
+        # pages: one (gq x page) block of logits per page
+        if self.uniform:
+            page_queries = queries
+        else:
+            page_queries = queries[self.page_owner]
+        page_logits = torch.bmm(page_queries, self.page_keys.transpose(1, 2)).float().mul_(scaling)
+        if not self.uniform:
+            page_logits.masked_fill_((self.page_positions == EMPTY)[:, None, :], float("-inf"))
+        maximum = recent_logits.amax(-1)  # finite: a query always sees its own token
+        if self.uniform:
+            maximum = torch.maximum(maximum, page_logits.amax(-1))
+        else:
+            owner = self.page_owner[:, None].expand(-1, gq)
+            maximum = maximum.scatter_reduce(0, owner, page_logits.amax(-1), "amax")
+        recent_weights = torch.exp(recent_logits - maximum[..., None])
+        page_weights = torch.exp(page_logits - (maximum if self.uniform else maximum[self.page_owner])[..., None])
+        total = recent_weights.sum(-1)
+        output = torch.bmm(recent_weights.to(recent_values.dtype), recent_values).float()
+        page_output = torch.bmm(page_weights.to(self.page_values.dtype), self.page_values).float()
+        if self.uniform:
+            total += page_weights.sum(-1)
+            output += page_output
+        else:
+            total.index_add_(0, self.page_owner, page_weights.sum(-1))
+            output.index_add_(0, self.page_owner, page_output)
+        output /= total[..., None]
+        output = output.view(batch, heads, groups, q_len, dim).reshape(batch, num_heads, q_len, dim)
+        return output.transpose(1, 2).to(query.dtype).contiguous()
+
+
+def compact_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask, scaling: float, dropout: float = 0.0, **kwargs):
+    """Attention while a compact cache is in use: the model's own kernel until the layer is packed, then
+    :meth:`CompactLayer.attend`."""
+    layer: CompactLayer | None = kwargs.pop(STORAGE_KWARG, None)
+    if layer is None or not layer.packed:
+        original = COMPACT_ATTENTION[module.config._attn_implementation]
+        if original == "eager":
+            import sys
+            function = sys.modules[type(module).__module__].eager_attention_forward
+        else:
+            function = ALL_ATTENTION_FUNCTIONS[original]
+        return function(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    return layer.attend(query, scaling), None
+
+
+def _grow(tensor: torch.Tensor, capacity: int) -> torch.Tensor:
+    grown = tensor.new_zeros(*tensor.shape[:2], capacity, *tensor.shape[3:])
+    grown[:, :, : tensor.shape[2]] = tensor
+    return grown
+
+
+def _pad_false(mask: torch.Tensor | None, shape: torch.Size, n: int) -> torch.Tensor:
+    padded = torch.zeros((*shape[:2], n), dtype=torch.bool, device=None if mask is None else mask.device)
+    if mask is not None:
+        padded[..., : mask.shape[-1]] = mask
+    return padded
+
+
+for _name, _original in COMPACT_ATTENTION.items():
+    AttentionInterface.register(_name, compact_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(_name, sdpa_mask if _original == "sdpa" else eager_mask)
+
+
+def new_layer_for(cache) -> CompactLayer:
+    """A compact layer that counts its bytes in the running total of ``cache``'s compact layers."""
+    tracker = getattr(cache, "kvpress_bytes", None)
+    if tracker is None:
+        tracker = cache.kvpress_bytes = ByteTracker()
+    return CompactLayer(tracker)
+
+
+def compact_layers(cache) -> list[CompactLayer]:
+    """The compact layers of a cache (empty for a cache without any)."""
+    return [layer for layer in getattr(cache, "layers", []) if isinstance(layer, CompactLayer)]

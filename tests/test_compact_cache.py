@@ -1,0 +1,192 @@
+"""Compact KV storage: evicted pairs are freed, and nothing a press decides changes with the storage."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from evaluation.datasets.ruler_synthetic import generate_task
+from evaluation.models import load_model
+from presses import KnormPress, compat
+from presses.compact_cache import PAGE_SIZE, CompactLayer
+from presses.decoding_press import DecodingPress
+from presses.errors import PressError
+from presses.generation import GenerationSettings, Measures, answer_questions
+from presses.pipeline import encode_prompt
+from presses.registry import KNOBS, build_press, get_spec, press_names
+
+
+@pytest.fixture(scope="module")
+def kvtiny():
+    return load_model("kvtiny", "cpu")
+
+
+@pytest.fixture(scope="module")
+def needles(kvtiny):
+    _, tokenizer = kvtiny
+    return generate_task("niah_single_1", tokenizer, 512, num_samples=2, seed=3)
+
+
+def knob_value(name: str) -> dict:
+    knob = get_spec(name).knob
+    return {} if knob is None else {knob: {"compression_ratio": 0.5, "threshold": -4.0}.get(knob, 0.5)}
+
+
+def answer(kvtiny, record, press, storage: str, questions: int = 2, chunk: int | None = None,
+           max_new_tokens: int = 12) -> tuple[list[str], Measures]:
+    model, tokenizer = kvtiny
+    parts = encode_prompt(tokenizer, record["context"], [record["question"], "What is the first word?"][:questions],
+                          record["answer_prefix"])
+    measures = Measures()
+    answers, _ = answer_questions(model, tokenizer, parts.context_ids, parts.question_ids, press,
+                                  GenerationSettings(max_new_tokens=max_new_tokens), storage, chunk, measures)
+    return [a.text for a in answers], measures
+
+
+@pytest.mark.parametrize("name", press_names())
+def test_every_press_answers_the_same_with_compact_and_masked_storage(kvtiny, needles, name):
+    assert set(KNOBS) >= {"compression_ratio", "threshold"}
+    outcome, presses = {}, {}
+    for storage in ("mask", "compact"):
+        try:
+            presses[storage] = build_press(name, **knob_value(name))
+            outcome[storage] = answer(kvtiny, needles[0], presses[storage], storage)
+        except PressError as error:  # a press this model cannot run fails the same way in both storages
+            outcome[storage] = str(error)
+    assert type(outcome["mask"]) is type(outcome["compact"])
+    if isinstance(outcome["mask"], str):
+        assert outcome["mask"] == outcome["compact"]
+        return
+    (masked, mask_measures), (compact, measures) = outcome["mask"], outcome["compact"]
+    assert compact == masked
+    assert mask_measures.kv_bytes_held_after_prefill == mask_measures.kv_bytes_dense
+    assert measures.kv_bytes_held_after_prefill <= measures.kv_bytes_dense
+    press = presses["compact"]
+    # what a press evicts from the context is no longer held (decoding presses evict later, while answering)
+    if press.storage_for(kvtiny[0]) == "compact" and not press.compresses_while_decoding:
+        context_share = measures.kv_bytes_held_after_prefill / measures.kv_bytes_dense
+        n_tokens = measures.kv_bytes_dense // (2 * 4 * 2 * 32 * 4)  # kvtiny: 4 layers, 2 KV heads of 32 floats
+        assert context_share <= 1 - press.achieved_compression_ratio + (PAGE_SIZE - 1) / n_tokens + 1e-9
+
+
+@pytest.mark.parametrize("name", ["knorm", "streaming_llm", "snapkv", "tova"])
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75])
+def test_same_count_presses_hold_exactly_their_kept_share(kvtiny, needles, name, ratio):
+    press = build_press(name, compression_ratio=ratio)
+    _, measures = answer(kvtiny, needles[0], press, "compact", questions=1, max_new_tokens=2)
+    held = measures.kv_bytes_held_after_prefill / measures.kv_bytes_dense
+    assert abs(held - (1 - press.achieved_compression_ratio)) < 0.01
+    assert measures.kv_bytes_held_end[0] > measures.kv_bytes_held_after_prefill  # question and answer tokens
+
+
+@pytest.mark.parametrize("name", ["adakv_snapkv", "kvzap_mlp"])
+def test_head_wise_presses_hold_pages_close_to_their_kept_pairs(kvtiny, needles, name):
+    press = build_press(name, **knob_value(name))
+    _, measures = answer(kvtiny, needles[0], press, "compact", questions=1, max_new_tokens=2)
+    kept = 1 - press.achieved_compression_ratio
+    held = measures.kv_bytes_held_after_prefill / measures.kv_bytes_dense
+    n_tokens = measures.kv_bytes_dense // (2 * 4 * 2 * 32 * 4)  # kvtiny: 4 layers, 2 KV heads of 32 floats
+    assert kept <= held <= kept + (PAGE_SIZE - 1) / n_tokens  # padding: under one page per head
+
+
+def test_positions_stay_right_after_compaction_needles_are_still_found(kvtiny, needles):
+    found = {}
+    for storage in ("mask", "compact"):
+        answers = [answer(kvtiny, record, build_press("kvzap_mlp", threshold=-4.0), storage, questions=1)[0][0]
+                   for record in needles]
+        found[storage] = [any(a in text for a in record["answer"])
+                          for text, record in zip(answers, needles, strict=True)]
+    assert found["compact"] == found["mask"] and all(found["compact"])
+
+
+def test_chunked_prefill_bounds_the_prefill_peak_and_is_storage_independent(kvtiny, needles):
+    record = needles[0]
+    _, dense = answer(kvtiny, record, build_press("no_press"), "mask", questions=1, max_new_tokens=1)
+    texts, chunked = answer(kvtiny, record, build_press("kvzap_mlp", threshold=-4.0), "compact", questions=1,
+                            chunk=64, max_new_tokens=1)
+    masked, _ = answer(kvtiny, record, build_press("kvzap_mlp", threshold=-4.0), "mask", questions=1, chunk=64,
+                       max_new_tokens=1)
+    assert texts == masked
+    assert chunked.kv_bytes_peak <= 0.8 * dense.kv_bytes_peak  # window 128 + a 256-token fold margin at 512 tokens
+    with pytest.raises(PressError, match="threshold press"):
+        answer(kvtiny, record, build_press("knorm", compression_ratio=0.5), "compact", questions=1, chunk=64)
+
+
+def test_a_decoding_press_frees_pairs_and_every_question_sees_the_same_context(kvtiny, needles):
+    def press():
+        return DecodingPress(base_press=KnormPress(), compression_interval=4, target_size=96)
+
+    masked, _ = answer(kvtiny, needles[0], press(), "mask", questions=2, max_new_tokens=12)
+    compact, measures = answer(kvtiny, needles[0], press(), "compact", questions=2, max_new_tokens=12)
+    assert compact == masked
+    assert max(measures.kv_bytes_held_end) < 0.5 * measures.kv_bytes_dense
+
+
+def reference_attention(query, keys, values, evicted, scaling):
+    """Dense attention of the last q positions with evicted pairs masked (float64)."""
+    batch, heads, n, dim = keys.shape
+    groups = query.shape[1] // heads
+    q_len = query.shape[2]
+    k = keys.repeat_interleave(groups, 1).double()
+    v = values.repeat_interleave(groups, 1).double()
+    logits = query.double() @ k.transpose(-1, -2) * scaling
+    blocked = evicted.repeat_interleave(groups, 1)[:, :, None, :].expand(-1, -1, q_len, -1).clone()
+    blocked |= torch.arange(n)[None, :] > (n - q_len + torch.arange(q_len))[:, None]
+    logits = logits.masked_fill(blocked, float("-inf"))
+    return (logits.softmax(-1) @ v).transpose(1, 2).float()
+
+
+@pytest.mark.parametrize("head_wise", [False, True])
+def test_compact_attention_equals_masked_dense_attention(head_wise):
+    torch.manual_seed(0)
+    batch, heads, groups, n, dim = 2, 3, 2, 300, 16
+    keys, values = torch.randn(batch, heads, n, dim), torch.randn(batch, heads, n, dim)
+    scores = torch.rand(batch, heads, n)
+    if head_wise:
+        evicted = scores < torch.tensor([0.2, 0.5, 0.8])[None, :, None]
+    else:
+        evicted = torch.zeros_like(scores, dtype=torch.bool).scatter(-1, scores[..., :200].topk(100, -1).indices, True)
+    layer = CompactLayer()
+    layer.update(keys[:, :, :200], values[:, :, :200])
+    layer.apply_evictions(evicted[..., :200])
+    assert layer.packed and layer.uniform == (not head_wise)
+    assert layer.kv_bytes() < 2 * keys[:, :, :200].numel() * 4
+    for start, stop in ((200, 232), (232, 233), (233, 300)):  # a question, a step, then a long stretch
+        layer.update(keys[:, :, start:stop], values[:, :, start:stop])
+        query = torch.randn(batch, heads * groups, stop - start, dim)
+        expected = reference_attention(query, keys[:, :, :stop], values[:, :, :stop], evicted[..., :stop] & (
+            torch.arange(stop) < 200), 0.25)
+        torch.testing.assert_close(layer.attend(query, 0.25), expected, atol=1e-5, rtol=1e-4)
+    # a decoding press evicts question and old context pairs: freed, then folded into pages
+    later = evicted.clone()
+    later[..., 200:290] |= scores[..., 200:290] < 0.5
+    layer.apply_evictions(later)
+    query = torch.randn(batch, heads * groups, 1, dim)
+    expected = reference_attention(query, keys, values, later, 0.25)
+    torch.testing.assert_close(layer.attend(query, 0.25), expected, atol=1e-5, rtol=1e-4)
+    logical_keys, _ = layer.logical_keys_values()
+    kept = ~later
+    torch.testing.assert_close(logical_keys[kept], keys[kept])
+    layer.crop(-100)  # back to the context
+    assert layer.get_seq_length() == 200
+
+
+def test_compact_cache_works_under_model_generate(kvtiny, needles):
+    model, tokenizer = kvtiny
+    ids = encode_prompt(tokenizer, needles[0]["context"], [needles[0]["question"]], needles[0]["answer_prefix"])
+    prompt = torch.cat([ids.context_ids, ids.question_ids[0]], dim=1)
+    outputs = {}
+    for storage in ("mask", "compact"):
+        press = build_press("snapkv", compression_ratio=0.5)
+        cache = DynamicCache(config=model.config)
+        with press(model, tokenizer, kv_storage=storage):
+            outputs[storage] = model.generate(prompt, max_new_tokens=8, do_sample=False,
+                                              **{compat.model_cache_kwarg(): cache})
+        held = [type(layer).__name__ for layer in cache.layers]
+        assert held == (["CompactLayer"] * 4 if storage == "compact" else ["DynamicLayer"] * 4)
+    assert torch.equal(outputs["mask"], outputs["compact"])
+    assert model.config._attn_implementation == "sdpa"  # restored on exit
+    with pytest.raises(PressError, match="kv_storage must be"):
+        with build_press("knorm", compression_ratio=0.5)(model, kv_storage="paged"):
+            pass
