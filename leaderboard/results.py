@@ -56,11 +56,14 @@ class Run:
     examples: tuple[dict, ...]  # the first few predictions, shown on the page
     files: tuple[Path, ...]  # raw files the site copies and links to
     samples: tuple[Sample, ...] = ()  # (sample_id, task, headline score in percent) of a finished run, for intervals
+    variant: str = ""  # a setting that makes the press another method on the plot (chunked prefill)
 
     @property
     def label(self) -> str:
-        """The press's line on the plot: kvpress's runs of a press stay apart from ours."""
-        return self.press if self.source == OURS else f"{self.press} ({KVPRESS})"
+        """The press's line on the plot: kvpress's runs of a press stay apart from ours, and so do variants (a
+        chunked prefill changes what a threshold press keeps)."""
+        press = f"{self.press} ({self.variant})" if self.variant else self.press
+        return press if self.source == OURS else f"{press} ({KVPRESS})"
 
     @property
     def point(self) -> str:
@@ -177,7 +180,8 @@ def _read_ours(folder: Path, name: str) -> Run:
         started=_optional_str(config.get("started")), config=config, settings=_pairs(settings), metrics=metrics,
         n_predictions=len(predictions), examples=tuple(predictions[:EXAMPLES_PER_RUN]),
         files=tuple(folder / f for f in (CONFIG_FILE, PREDICTIONS_FILE, METRICS_FILE) if (folder / f).is_file()),
-        samples=_samples(metrics, predictions))
+        samples=_samples(metrics, predictions),
+        variant=f"prefill chunks of {run['prefill_chunk_size']}" if run.get("prefill_chunk_size") else "")
 
 
 def _read_predictions(folder: Path) -> list[dict]:

@@ -111,7 +111,8 @@ class CompactLayer(DynamicLayer):
         else:  # cut into the pages: free their slots from ``length`` on
             cut = (self.page_positions >= length) & (self.page_positions != EMPTY)
             self.page_positions[cut] = EMPTY
-            self.uniform = self.uniform and not bool(cut.any())
+            self.holes += int(cut.sum())
+            self.uniform = self.uniform and self.holes == 0
             self.recent_start, self.recent_len = length, 0
         if self.applied is not None:
             self.applied = self.applied[..., :length]
@@ -159,15 +160,18 @@ class CompactLayer(DynamicLayer):
             slot_positions = torch.where(occupied, self.page_positions, 0).long()
             freed = flat[self.page_owner[:, None], slot_positions] & occupied
             self.page_positions[freed] = EMPTY
-            self.uniform = self.uniform and not bool(freed.any())
-            if int((self.page_positions == EMPTY).sum()) > self.page_positions.numel() // 4:
-                self._fold()
+            self.holes += int(freed.sum())
+            self.uniform = self.uniform and self.holes == 0
         recent = newly[..., start:start + self.recent_len]
         if recent.shape[-1]:
             self.recent_evicted[:, :, : recent.shape[-1]] |= recent
-        if self.recent_len >= max(FOLD_MIN, self.page_positions.numel() // (8 * max(1, self.page_owner.numel()))):
-            if bool(self.recent_evicted[:, :, : self.recent_len].any()):
-                self._fold()
+        # Freed slots are reclaimed by repacking once they are a quarter of the pages, and masked recent pairs once
+        # the region is long: O(1) amortised per freed pair.
+        pages_per_head = self.page_positions.numel() // max(1, self.batch * self.heads)
+        long_recent = self.recent_len >= max(FOLD_MIN, pages_per_head // 8)
+        if self.holes > self.page_positions.numel() // 4 or (
+                long_recent and bool(self.recent_evicted[:, :, : self.recent_len].any())):
+            self._fold()
 
     def _pack_dense(self, evicted: torch.Tensor) -> None:
         batch, heads, n, dim = self.keys.shape
@@ -232,6 +236,7 @@ class CompactLayer(DynamicLayer):
         self.recent_values = values.new_zeros(batch, heads, 0, dim)
         self.recent_evicted = torch.zeros(batch, heads, 0, dtype=torch.bool, device=keys.device)
         self.recent_len = 0
+        self.holes = 0  # slots freed by evictions since this packing (padding excluded)
         self.packed = True
 
     # -- views and accounting -------------------------------------------------------------------------------
@@ -353,7 +358,8 @@ class CompactLayer(DynamicLayer):
         page_logits = torch.bmm(page_queries, self.page_keys.transpose(1, 2)).float().mul_(scaling)
         if not self.uniform:
             page_logits.masked_fill_((self.page_positions == EMPTY)[:, None, :], float("-inf"))
-        maximum = recent_logits.amax(-1)  # finite: a query always sees its own token
+        # finite once combined: a query always sees its own token (or, for a caller without one, some pair)
+        maximum = recent_logits.amax(-1) if r else recent_logits.new_full((bh, gq), float("-inf"))
         if self.uniform:
             maximum = torch.maximum(maximum, page_logits.amax(-1))
         else:

@@ -6,6 +6,10 @@ Usage, as on the KVzap model cards::
     pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer)
     answer = pipe(context, question=question, press=press)["answer"]
 
+Memory: evicted pairs are freed (``kv_storage="compact"``, the default); ``kv_storage="mask"`` keeps them
+masked instead, as kvpress does, with the same answers. ``prefill_chunk_size`` prefills threshold presses (DMS,
+KVzap) in chunks, evicting after each.
+
 Prompting follows kvpress: the context goes in a user turn of the chat template (thinking off unless asked); the
 template's text after the user content (end of turn, assistant header) is appended after each question, followed by
 the answer prefix; only the context is compressed. Without a chat template: BOS + context, suffix "\\n".
@@ -92,6 +96,8 @@ class KVPressTextGenerationPipeline(Pipeline):
         top_k: int = 0,
         min_p: float = 0.0,
         seed: int = 0,
+        kv_storage: str = "compact",
+        prefill_chunk_size: int | None = None,
         **kwargs,
     ):
         if question is not None and questions is not None:
@@ -103,7 +109,8 @@ class KVPressTextGenerationPipeline(Pipeline):
             "enable_thinking": enable_thinking,
         }
         settings = GenerationSettings(max_new_tokens, do_sample, temperature, top_p, top_k, min_p, seed)
-        forward_kwargs = {"press": press, "settings": settings}
+        forward_kwargs = {"press": press, "settings": settings, "kv_storage": kv_storage,
+                          "prefill_chunk_size": prefill_chunk_size}
         postprocess_kwargs = {"single_question": questions is None}
         return preprocess_kwargs, forward_kwargs, postprocess_kwargs
 
@@ -112,7 +119,8 @@ class KVPressTextGenerationPipeline(Pipeline):
         parts = encode_prompt(self.tokenizer, context, questions, answer_prefix, max_context_length, enable_thinking)
         return {"context_ids": parts.context_ids, "question_ids": parts.question_ids}
 
-    def _forward(self, model_inputs: dict, press: BasePress | None, settings: GenerationSettings) -> dict:
+    def _forward(self, model_inputs: dict, press: BasePress | None, settings: GenerationSettings,
+                 kv_storage: str = "compact", prefill_chunk_size: int | None = None) -> dict:
         device = self.model.device
         answers, ratio = answer_questions(
             self.model,
@@ -121,6 +129,8 @@ class KVPressTextGenerationPipeline(Pipeline):
             [ids.to(device) for ids in model_inputs["question_ids"]],
             press,
             settings,
+            kv_storage,
+            prefill_chunk_size,
         )
         return {"answers": [a.text for a in answers], "compression_ratio": ratio}
 

@@ -165,9 +165,20 @@ def test_compact_attention_equals_masked_dense_attention(head_wise):
     query = torch.randn(batch, heads * groups, 1, dim)
     expected = reference_attention(query, keys, values, later, 0.25)
     torch.testing.assert_close(layer.attend(query, 0.25), expected, atol=1e-5, rtol=1e-4)
+    # many context pairs and more recent ones at once: the pages are repacked, and the recent evictions survive it
+    latest = later.clone()
+    latest[..., :150] |= scores[..., :150] < 0.9
+    latest[..., 290:295] = True
+    layer.apply_evictions(latest)
+    assert layer.recent_start == 300 and layer.recent_len == 0  # folded
+    expected = reference_attention(query, keys, values, latest, 0.25)
+    torch.testing.assert_close(layer.attend(query, 0.25), expected, atol=1e-5, rtol=1e-4)
     logical_keys, _ = layer.logical_keys_values()
-    kept = ~later
+    kept = ~latest
     torch.testing.assert_close(logical_keys[kept], keys[kept])
+    held = layer.kv_bytes()
+    assert held == 2 * 4 * dim * layer.page_positions.numel()
+    assert layer.page_positions.numel() <= int(kept.sum()) + (PAGE_SIZE - 1) * batch * heads
     layer.crop(-100)  # back to the context
     assert layer.get_seq_length() == 200
 
