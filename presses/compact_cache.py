@@ -8,7 +8,8 @@ it *packs* the kept pairs and frees the rest. After that it holds two regions:
   one (row, head) and its unused tail slots are padding. When every head keeps the same count ``c`` (ratio presses
   without head-wise budgets) the pages are exactly ``(batch * kv_heads, c, head_dim)``, i.e. the
   (batch, kv_heads, kept, head_dim) layout with no padding. Head-wise presses (AdaKV budgets, DMS/KVzap
-  thresholds) get ``P = PAGE_SIZE`` pages, so a head's bytes track its kept pairs within ``P - 1`` slots.
+  thresholds) get pages of ``P`` pairs, a power of two near a sixteenth of the mean kept pairs per head (16 to
+  512, :func:`page_size`), so a head's bytes track its kept pairs within ``P - 1`` slots, about 1/16.
 - **recent**: tokens appended since the last packing (question, generated tokens), dense (batch, kv_heads, r,
   head_dim), all heads alike. Pairs a decoding press evicts there are masked until the region is folded into the
   pages (when it has grown past :data:`FOLD_MIN` tokens and an eighth of the pages), so freeing costs O(1)
@@ -16,7 +17,7 @@ it *packs* the kept pairs and frees the rest. After that it holds two regions:
 
 Why pages and not padding to the layer's largest head: measured on kvtiny at 50% (RULER 1k), AdaKV-SnapKV keeps
 0.500 of the pairs but padding every head of a layer to its largest head holds 0.617 of the dense bytes, and
-AdaKV-Expected-Attention 0.681. Pages of 64 hold 0.50-0.52 (README, "How memory is held").
+AdaKV-Expected-Attention 0.681. Pages hold 0.50-0.54 (README, "How memory is held").
 
 Positions: keys are cached after RoPE, so a packed key keeps its true rotation; new tokens get their true positions
 from the model (the cache reports the logical length, tokens seen so far, not the packed length). Evictions are
@@ -38,7 +39,9 @@ from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-PAGE_SIZE = 64  # pairs per page for head-wise layouts (README: 32-128 measured, 64 balances padding and speed)
+# Pairs per page for head-wise layouts: a power of two near a sixteenth of the mean kept pairs per head, so padding
+# stays under ~1/16 of what is held, within these bounds (small pages are slow: many tiny matmuls).
+MIN_PAGE_SIZE, MAX_PAGE_SIZE = 16, 512
 FOLD_MIN = 256  # recent tokens before evicted ones there are freed by folding the region into the pages
 EMPTY = torch.iinfo(torch.int32).max  # page slot without a pair (padding or freed)
 STORAGE_KWARG = "kvpress_compact"
@@ -212,7 +215,7 @@ class CompactLayer(DynamicLayer):
         index, owner, positions = index[order], owner[order], positions[order]
         counts = torch.bincount(owner, minlength=bh)
         uniform = bool((counts == counts[0]).all()) and int(counts[0]) > 0
-        page = int(counts[0]) if uniform else PAGE_SIZE
+        page = int(counts[0]) if uniform else page_size(float(counts.float().mean()))
         pages_per_owner = (counts + page - 1) // page
         first_page = torch.cumsum(pages_per_owner, 0) - pages_per_owner
         first_pair = torch.cumsum(counts, 0) - counts
@@ -395,6 +398,12 @@ def compact_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
             function = ALL_ATTENTION_FUNCTIONS[original]
         return function(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     return layer.attend(query, scaling), None
+
+
+def page_size(mean_kept: float) -> int:
+    """Pairs per page for a head-wise layout whose heads keep ``mean_kept`` pairs on average."""
+    size = 1 << max(0, int(mean_kept / 16)).bit_length() - 1 if mean_kept >= 32 else MIN_PAGE_SIZE
+    return max(MIN_PAGE_SIZE, min(MAX_PAGE_SIZE, size))
 
 
 def _grow(tensor: torch.Tensor, capacity: int) -> torch.Tensor:
