@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from evaluation.config import ConfigError
 from evaluation.kvzap.train import TrainSettings, load_texts
 from presses import compat
 from presses.qfilter_press import QFILTERS_FOLDER, save_qfilters
@@ -62,7 +63,7 @@ def query_filters(model, contexts: list[torch.Tensor]) -> torch.Tensor:
         for handle in handles:
             handle.remove()
     if not gram:
-        raise ValueError("no full-attention layer saw a query: Q-Filters need at least one text")
+        raise ConfigError("the model has no full-attention layer: Q-Filters have nothing to filter")
     head_dim = next(iter(total.values())).shape[-1]
     filters = []
     for layer_idx in range(config.num_hidden_layers):
