@@ -4,6 +4,12 @@ Godey et al., "Q-Filters: Leveraging QK Geometry for Efficient KV Cache Compress
 per (layer, KV head), (layers, kv_heads, head_dim), in the published layout of ``nthngdy/<model>_qfilt``
 (huggingface_hub's ``PyTorchModelHubMixin``: ``config.json`` with ``num_layers``, ``num_kv_heads``, ``kv_head_dim``,
 and ``model.safetensors`` holding the parameter ``q_filters``). As in kvpress a key scores ``-(filter . key)``.
+
+Sign: the paper's filter ``v+`` is the queries' first right singular vector oriented so that they project positively
+on it, and a key with a higher ``key . v+`` receives more attention on average (its Theorem: ``E[q . k] ~ kappa *
+(k . v+)``, ``kappa > 0``). kvpress, whose QFilterPress the paper's first author wrote, keeps the highest
+``-(filter . key)``, so a filter in this layout is ``-v+``; ``kvpress-eval build-qfilters`` writes it so, and a test
+checks on kvtiny that the shipped filter's score rises with the attention keys receive.
 """
 
 from __future__ import annotations
