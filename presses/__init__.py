@@ -28,6 +28,7 @@ from presses.errors import PressError
 from presses.expected_attention_press import ExpectedAttentionPress
 from presses.expected_attention_stats_press import ExpectedAttentionStatsPress
 from presses.fastkvzip_press import FastKVzipPress
+from presses.finch_press import FinchPress
 from presses.generation import Answer, GenerationSettings, answer_questions, decode
 from presses.key_rerotation_press import KeyRerotationPress
 from presses.keydiff_press import KeyDiffPress
@@ -62,7 +63,7 @@ __all__ = [
     "AdaKVPress", "Answer", "BasePress", "BlockPress", "CAMPress", "CURPress", "CapPress", "ChunkKVPress",
     "ChunkPress", "CompactorPress", "ComposedPress", "CompressionRatioDecodingPress", "CriticalAdaKVPress",
     "CriticalKVPress", "DMSPress", "DecodingPress", "DuoAttentionPress", "ExpectedAttentionPress",
-    "ExpectedAttentionStatsPress", "FastKVzipPress", "GenerationSettings", "KVComposePress",
+    "ExpectedAttentionStatsPress", "FastKVzipPress", "FinchPress", "GenerationSettings", "KVComposePress",
     "KVPressTextGenerationPipeline", "KVzapConfig", "KVzapModel", "KVzapPress", "KVzipPress", "KeyDiffPress",
     "KeyRerotationPress", "KnormPress", "LUKVPress", "LagKVPress", "LayerInputs", "LeverageScorePress",
     "MergingPress", "NoPress", "NonCausalAttnPress", "ObservedAttentionPress", "PRESSES", "PerLayerCompressionPress",

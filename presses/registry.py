@@ -30,6 +30,7 @@ from presses.duo_attention_press import DuoAttentionPress
 from presses.errors import PressError
 from presses.expected_attention_press import ExpectedAttentionPress
 from presses.fastkvzip_press import FastKVzipPress
+from presses.finch_press import FinchPress
 from presses.keydiff_press import KeyDiffPress
 from presses.knorm_press import KnormPress
 from presses.kvcompose_press import KVComposePress
@@ -237,6 +238,8 @@ register("qfilter", QFilterPress, "keys projected on the queries' principal dire
 register("decoding_qfilter", lambda **kw: DecodingPress(base_press=QFilterPress(), **kw),
          "Q-Filters applied while decoding: every 512 steps, keep 2048 pairs per head")
 register("fastkvzip", FastKVzipPress, "gates trained on KVzip scores, evicted over all layers (Kim et al. 2026)")
+register("finch", FinchPress, "SnapKV-style, the question (after a delimiter token) as the window; query-aware only, "
+         "kept keys re-rotated (Corallo & Papotti 2024)")
 
 # kvpress's evaluate_registry.py names present here. Each means what it means in kvpress.
 KVPRESS_NAMES = frozenset({
@@ -250,4 +253,5 @@ KVPRESS_NAMES = frozenset({
     "lukv",
     "compactor", "adakv_compactor", "merging_knorm", "merging_snapkv", "merging_expected_attention",
     "merging_kvzap_mlp", "duo_attention", "duo_attention_on_the_fly", "qfilter", "decoding_qfilter", "fastkvzip",
+    "finch",
 })
