@@ -34,6 +34,7 @@ from presses.key_rerotation_press import KeyRerotationPress
 from presses.keydiff_press import KeyDiffPress
 from presses.knorm_press import KnormPress
 from presses.kvcompose_press import KVComposePress
+from presses.kvgrad_press import KVgradPress
 from presses.kvzap_press import KVzapConfig, KVzapModel, KVzapPress
 from presses.kvzip_press import KVzipPress
 from presses.lagkv_press import LagKVPress
@@ -64,7 +65,8 @@ __all__ = [
     "ChunkPress", "CompactorPress", "ComposedPress", "CompressionRatioDecodingPress", "CriticalAdaKVPress",
     "CriticalKVPress", "DMSPress", "DecodingPress", "DuoAttentionPress", "ExpectedAttentionPress",
     "ExpectedAttentionStatsPress", "FastKVzipPress", "FinchPress", "GenerationSettings", "KVComposePress",
-    "KVPressTextGenerationPipeline", "KVzapConfig", "KVzapModel", "KVzapPress", "KVzipPress", "KeyDiffPress",
+    "KVPressTextGenerationPipeline", "KVgradPress", "KVzapConfig", "KVzapModel", "KVzapPress", "KVzipPress",
+    "KeyDiffPress",
     "KeyRerotationPress", "KnormPress", "LUKVPress", "LagKVPress", "LayerInputs", "LeverageScorePress",
     "MergingPress", "NoPress", "NonCausalAttnPress", "ObservedAttentionPress", "PRESSES", "PerLayerCompressionPress",
     "PrefillDecodingPress", "PressError", "PyramidKVPress", "QFilterPress", "RandomPress", "ScorerPress",

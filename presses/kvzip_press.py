@@ -47,6 +47,7 @@ def kvzip_scores(
     key_slice: slice,
     plus_normalization: bool = False,
     n_sink: int = 0,
+    query_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """KVzip(+) score of the cached pairs in ``key_slice``, float32: (batch, kv_heads, n_keys).
 
@@ -57,7 +58,8 @@ def kvzip_scores(
     As in KVzip (reference.md section 5) the softmax runs over a reduced key set: the first ``min(n_sink, start)``
     positions, the ``key_slice`` positions and the R query positions themselves (causal among them); logits are
     ``q.k * module.scaling``. KVzip keeps the attention weight a_ji; KVzip+ uses ``a_ji * ||W_o^h v_i|| / ||x_j||``
-    (no log). The score of pair i is the max over the R queries and over the query heads of its KV group.
+    (no log); with ``query_weights`` (batch, R), KVgrad's gradient norms, ``a_ji * ||W_o^h v_i|| * w_j``. The score of
+    pair i is the max over the R queries and over the query heads of its KV group.
     With ``key_slice = slice(0, k_len - R)`` the key set is the whole causal prefix, i.e. the plain attention.
     Memory: one (batch, group, R, n_sink + n_keys + R) float32 block at a time (one KV head at a time).
     """
@@ -78,17 +80,20 @@ def kvzip_scores(
     queries = compat.query_states(module, query_hidden_states, position_embeddings).float()
     queries = queries.view(batch, kv_heads, groups, n_queries, -1)
     future = torch.ones(n_queries, n_queries, dtype=torch.bool, device=device).triu(1)
-    if plus_normalization:
+    weighted = plus_normalization or query_weights is not None
+    if weighted:
         output_norms = value_output_norms(module, values[:, :, start:stop]).view(batch, kv_heads, groups, 1, n_keys)
-        inverse_query_norms = query_hidden_states.float().norm(dim=-1).reciprocal()[:, None, :, None]  # (b, 1, R, 1)
+        if query_weights is None:
+            query_weights = query_hidden_states.float().norm(dim=-1).reciprocal()
+        query_weights = query_weights.float()[:, None, :, None]  # (b, 1, R, 1)
     scores = torch.empty(batch, kv_heads, n_keys, dtype=torch.float32, device=device)
     for head in range(kv_heads):
         selected = keys[:, head, index].float()  # (batch, n_sink + n_keys + R, head_dim)
         logits = torch.einsum("bgrd,bnd->bgrn", queries[:, head], selected) * module.scaling
         logits[..., -n_queries:].masked_fill_(future, float("-inf"))
         weights = torch.softmax(logits, dim=-1)[..., sinks : sinks + n_keys]  # (batch, group, R, n_keys)
-        if plus_normalization:
-            weights = weights * output_norms[:, head] * inverse_query_norms
+        if weighted:
+            weights = weights * output_norms[:, head] * query_weights
         scores[:, head] = weights.amax(dim=(1, 2))
     return scores
 

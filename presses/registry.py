@@ -34,6 +34,7 @@ from presses.finch_press import FinchPress
 from presses.keydiff_press import KeyDiffPress
 from presses.knorm_press import KnormPress
 from presses.kvcompose_press import KVComposePress
+from presses.kvgrad_press import KVgradPress
 from presses.kvzap_press import KVzapPress
 from presses.kvzip_press import KVzipPress
 from presses.lagkv_press import LagKVPress
@@ -137,6 +138,8 @@ register("kvzip", KVzipPress, "oracle: attention from a context-reconstruction p
 register("kvzip_plus", lambda compression_ratio=0.0, **kw: KVzipPress(compression_ratio,
                                                                         kvzip_plus_normalization=True, **kw),
          "KVzip with KVzap's output-norm normalisation (the KVzap target)")
+register("kvgrad", KVgradPress, "KVzip's reconstruction attention x |W_o v| x gradient of the output (KVgrad, kvpress "
+         "PR #279; not in kvpress's evaluate registry)")
 register("kvzap_linear", _dms_kvzap("linear"), "KVzap linear surrogate, DMS threshold eviction (Jegou et al. 2026)")
 register("kvzap_mlp", _dms_kvzap("mlp"), "KVzap MLP surrogate, DMS threshold eviction (Jegou et al. 2026)")
 register("kvzap_mlp_head", lambda compression_ratio=0.0, **kw: KVzapPress(compression_ratio, model_type="mlp", **kw),

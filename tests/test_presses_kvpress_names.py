@@ -275,8 +275,8 @@ def test_kvpress_run_folders_are_read_by_their_registry_name(tmp_path, press, se
     assert (run.press, run.knob, run.value) == (press, knob, value)
 
 
-NEW_NAMES = sorted((KVPRESS_NAMES | {"expected_attention_plain", "simlayerkv", "leverage", "non_causal_attention",
-                                     "cap"}) - {"no_press", "random", "knorm", "snapkv", "streaming_llm", "tova",
+OUR_NAMES = {"expected_attention_plain", "simlayerkv", "leverage", "non_causal_attention", "cap", "kvgrad"}
+NEW_NAMES = sorted((KVPRESS_NAMES | OUR_NAMES) - {"no_press", "random", "knorm", "snapkv", "streaming_llm", "tova",
                                                 "observed_attention", "pyramidkv", "keydiff", "lagkv", "kvzip",
                                                 "kvzip_plus", "kvzap_linear", "kvzap_mlp", "kvzap_mlp_head",
                                                 "kvzap_mlp_layer", "adakv_snapkv", "decoding_knorm",
