@@ -51,6 +51,7 @@ from presses.pyramidkv_press import PyramidKVPress
 from presses.qfilter_press import QFilterPress
 from presses.random_press import RandomPress
 from presses.registry import PRESSES, build_press, get_spec, press_names
+from presses.restorekv_press import RestoreKVPress
 from presses.scorer_press import ScorerPress
 from presses.simlayerkv_press import SimLayerKVPress
 from presses.snapkv_press import SnapKVPress
@@ -69,7 +70,8 @@ __all__ = [
     "KeyDiffPress",
     "KeyRerotationPress", "KnormPress", "LUKVPress", "LagKVPress", "LayerInputs", "LeverageScorePress",
     "MergingPress", "NoPress", "NonCausalAttnPress", "ObservedAttentionPress", "PRESSES", "PerLayerCompressionPress",
-    "PrefillDecodingPress", "PressError", "PyramidKVPress", "QFilterPress", "RandomPress", "ScorerPress",
+    "PrefillDecodingPress", "PressError", "PyramidKVPress", "QFilterPress", "RandomPress", "RestoreKVPress",
+    "ScorerPress",
     "SimLayerKVPress", "SnapKVPress", "StreamingLLMPress", "TOVAPress", "ThinKPress", "ThresholdPress",
     "answer_questions", "build_press", "decode", "encode_prompt", "get_spec", "press_names",
 ]

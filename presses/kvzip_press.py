@@ -22,7 +22,6 @@ from presses.errors import PressError
 REPEAT_FIRST_CHUNK = "\n\nRepeat the previous context exactly."
 REPEAT_NEXT_CHUNK = "\n\nRepeat the part of the previous context exactly, starting with"
 OVERLAP_TOKENS = 8  # tokens of the previous chunk quoted to say where the repetition starts
-TOKENIZER_ERROR = "kvzip needs the model's tokenizer: call press(model, tokenizer)"
 
 
 def value_output_norms(module: nn.Module, values: torch.Tensor) -> torch.Tensor:
@@ -159,7 +158,8 @@ class KVzipPress(ContextPassPress):
 
                 tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
             except Exception:  # any failure to find a tokenizer gets the same one-line answer
-                raise PressError(TOKENIZER_ERROR) from None
+                raise PressError(f"{self.pass_name} needs the model's tokenizer: call press(model, "
+                                 "tokenizer)") from None
         self._prefix_length, self._suffix_ids = chat_template_pieces(tokenizer)
         self._first_instruction = tokenizer.encode(REPEAT_FIRST_CHUNK, add_special_tokens=False)
         self._next_instruction = tokenizer.encode(REPEAT_NEXT_CHUNK, add_special_tokens=False)
@@ -213,12 +213,13 @@ class KVzipPress(ContextPassPress):
                 scores[module.layer_idx] = keys.new_zeros((1, keys.shape[1], context_length), dtype=torch.float32)
         return scores
 
-    def _select(self, scores: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    def _select(self, scores: dict[int, torch.Tensor],
+                compression_ratio: float | None = None) -> dict[int, torch.Tensor]:
         """Evict the lowest scores over all layers at once, or within each layer with ``layerwise``.
 
-        ``int(n * compression_ratio)`` of the n pairs go (n over all layers, or per layer), fewer if that would
-        touch the first ``n_sink`` positions, which are always kept. Chat-template prefix positions after the sinks
-        go first; a head that lost every pair keeps its best one.
+        ``int(n * compression_ratio)`` (the press's own ratio unless one is given) of the n pairs go (n over all
+        layers, or per layer), fewer if that would touch the first ``n_sink`` positions, which are always kept.
+        Chat-template prefix positions after the sinks go first; a head that lost every pair keeps its best one.
         """
         layers = sorted(scores)
         device = scores[layers[0]].device
@@ -230,7 +231,8 @@ class KVzipPress(ContextPassPress):
         for group in groups:
             flat = group.flatten()
             candidates = (flat != float("inf")).nonzero().squeeze(1)
-            n_removed = min(int(flat.numel() * self.compression_ratio), candidates.numel())
+            ratio = self.compression_ratio if compression_ratio is None else compression_ratio
+            n_removed = min(int(flat.numel() * ratio), candidates.numel())
             mask = torch.zeros_like(flat, dtype=torch.bool)
             mask[candidates[flat[candidates].topk(n_removed, largest=False).indices]] = True
             evicted.append(mask.view_as(group))

@@ -47,6 +47,7 @@ from presses.observed_attention_press import ObservedAttentionPress
 from presses.pyramidkv_press import PyramidKVPress
 from presses.qfilter_press import QFilterPress
 from presses.random_press import RandomPress
+from presses.restorekv_press import RestoreKVPress
 from presses.simlayerkv_press import SimLayerKVPress
 from presses.snapkv_press import SnapKVPress
 from presses.streaming_llm_press import StreamingLLMPress
@@ -241,6 +242,11 @@ register("qfilter", QFilterPress, "keys projected on the queries' principal dire
 register("decoding_qfilter", lambda **kw: DecodingPress(base_press=QFilterPress(), **kw),
          "Q-Filters applied while decoding: every 512 steps, keep 2048 pairs per head")
 register("fastkvzip", FastKVzipPress, "gates trained on KVzip scores, evicted over all layers (Kim et al. 2026)")
+register("RestoreKV", RestoreKVPress, "KVzip plus 8 learned restore tokens sharing the budget, LoRA adapter from "
+         "higokri/RestoreKV-<model> (arXiv 2608.01247)")
+register("RestoreKV_plus", lambda compression_ratio=0.0, **kw: RestoreKVPress(compression_ratio,
+                                                                             kvzip_plus_normalization=True, **kw),
+         "RestoreKV on KVzip+ scores, adapter higokri/RestoreKV-<model>_plus")
 register("finch", FinchPress, "SnapKV-style, the question (after a delimiter token) as the window; query-aware only, "
          "kept keys re-rotated (Corallo & Papotti 2024)")
 
@@ -256,5 +262,5 @@ KVPRESS_NAMES = frozenset({
     "lukv",
     "compactor", "adakv_compactor", "merging_knorm", "merging_snapkv", "merging_expected_attention",
     "merging_kvzap_mlp", "duo_attention", "duo_attention_on_the_fly", "qfilter", "decoding_qfilter", "fastkvzip",
-    "finch",
+    "finch", "RestoreKV", "RestoreKV_plus",
 })
