@@ -350,6 +350,25 @@ def test_questions_sharing_a_context_see_the_same_compressed_cache(tokenizer):
     assert ratio_both == ratio_alone
 
 
+def test_cam_merges_of_one_answer_do_not_reach_the_next_question(tokenizer, monkeypatch):
+    """CAM adds evicted values to kept context values while decoding: the next question must start again from the
+    post-prefill cache, so answering [q2, q1, q2] gives q2 the answer [q2] alone gets."""
+    # CAM draws each merge; drawn here as p >= 0.5 so that the answers depend on the cache only, not on how many
+    # draws earlier questions consumed.
+    monkeypatch.setattr(torch, "bernoulli", lambda p: (p >= 0.5).to(p.dtype))
+    model = cached_model("qwen3")
+    context, q1, q2 = random_ids(150), random_ids(6, seed=1), random_ids(6, seed=2)
+    settings = GenerationSettings(max_new_tokens=20)
+
+    def press():
+        return build_press("cam_knorm", compression_interval=4, target_size=64, merge_budget=8)
+
+    both, _ = answer_questions(model, tokenizer, context, [q2, q1, q2], press(), settings)
+    alone, _ = answer_questions(model, tokenizer, context, [q2], press(), settings)
+    assert both[0].token_ids == alone[0].token_ids
+    assert both[2].token_ids == alone[0].token_ids
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_runs_on_cpu(dtype, surrogate_root, tokenizer):
     model = make_model("qwen3", dtype=dtype)
