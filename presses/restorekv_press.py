@@ -23,6 +23,7 @@ from typing import ClassVar
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from presses import compat
 from presses.errors import PressError
@@ -146,8 +147,8 @@ class RestoreKVPress(KVzipPress):
     reported the same way, restore pairs counted as kept out of the context's. The question starts after the
     restore tokens. ``adapter``: a folder or hub name in the published layout; by default
     ``<model dir>/restorekv[_plus]`` beside a local model, else ``higokri/RestoreKV-<model name>[_plus]`` (kvpress's
-    choice). Deviations: those of KVzip here (float32 scores, sinks kept, every head keeps a pair); the LoRA update
-    is computed in float32 (peft's default autocast does the same for half-precision adapters).
+    choice). The LoRA update ``scale * B(A(x))`` is computed in the model's dtype, as with kvpress's peft adapter.
+    Deviations: those of KVzip here (float32 scores, sinks kept, every head keeps a pair).
     """
 
     adapter: str | None = None
@@ -169,8 +170,8 @@ class RestoreKVPress(KVzipPress):
                              f"{len(missing)} unknown modules such as {missing[:1]}): use the adapter trained for "
                              "this model")
         parameter = next(model.parameters())
-        self.__dict__["_targets"] = {modules[name]: (a.to(parameter.device, torch.float32),
-                                                     b.to(parameter.device, torch.float32))
+        # In each projection's dtype, as transformers' load_adapter (kvpress's loader) casts the LoRA factors.
+        self.__dict__["_targets"] = {modules[name]: (a.to(modules[name].weight), b.to(modules[name].weight))
                                      for name, (a, b) in self.loaded.lora.items()}
         self.__dict__["_embeddings"] = self.loaded.embeddings.to(parameter.device, parameter.dtype)
 
@@ -183,7 +184,7 @@ class RestoreKVPress(KVzipPress):
 
     def _lora_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         a, b = self.__dict__["_targets"][module]
-        return output + ((args[0].float() @ a.T @ b.T) * self.loaded.scale).to(output.dtype)
+        return output + F.linear(F.linear(args[0], a), b) * self.loaded.scale
 
     def _score_context(self, input_ids: torch.Tensor, cache, context_length: int) -> dict[int, torch.Tensor]:
         """KVzip's scores, then the restore pass: the cache ends at T + n (called with every press paused)."""
