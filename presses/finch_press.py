@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from presses import compat
 from presses.base_press import LayerInputs, keep_top_scores, n_kept_pairs
@@ -69,7 +70,8 @@ class FinchPress(ScorerPress):
         self.delimiter_token_id = tokenizer.convert_tokens_to_ids(self.delimiter_token)
         return self.delimiter_token
 
-    def update_model_and_tokenizer(self, model: nn.Module, tokenizer, delimiter_token: str = DELIMITER):
+    def update_model_and_tokenizer(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
+                                   delimiter_token: str = DELIMITER) -> PreTrainedTokenizerBase:
         """kvpress's set-up call: register the delimiter with the tokenizer (the model needs no change here)."""
         self.delimiter_token = delimiter_token
         self.prompt_delimiter(tokenizer)

@@ -68,6 +68,12 @@ def test_missing_delimiter_generate_and_short_chunks_are_one_line_errors():
     with pytest.raises(PressError, match="needs its delimiter token"):
         with FinchPress(0.5)(model):
             pass
+    press = FinchPress(0.5)  # kvpress's set-up call also works, and leaves the model's embeddings alone
+    assert press.update_model_and_tokenizer(model, tokenizer) is tokenizer
+    assert press.delimiter_token_id == tokenizer.convert_tokens_to_ids("<|finch_sep|>")
+    with press(model):
+        pass
+    assert model.get_input_embeddings().num_embeddings == 128
 
 
 def test_the_sweep_runs_finch_query_aware_and_one_context_at_a_time(tiny_model_dir):
@@ -92,3 +98,16 @@ def test_the_sweep_runs_finch_query_aware_and_one_context_at_a_time(tiny_model_d
     # The compressed prompt is context + question (the delimiter dropped); half its pairs are gone.
     assert prediction["compression_ratio"] == pytest.approx(0.5, abs=0.02)
     assert press.evicted_mask(0).shape[-1] == prediction["context_length"] - 1
+
+
+def test_delimiter_beyond_the_embedding_matrix_needs_no_resize():
+    """The delimiter is dropped from the ids before the lookup, so its id may lie past the model's vocabulary."""
+    model, tokenizer = make_model("llama", vocab_size=50), make_tokenizer()
+    press = FinchPress(compression_ratio=0.5)
+    press.prompt_delimiter(tokenizer)
+    assert press.delimiter_token_id >= 50
+    prompt = torch.cat([random_ids(60, vocab_size=50), torch.tensor([[press.delimiter_token_id]]),
+                        random_ids(8, seed=1, vocab_size=50)], dim=1)
+    answers, ratio = answer_questions(model, tokenizer, prompt, [random_ids(3, seed=2, vocab_size=50)], press,
+                                      GenerationSettings(max_new_tokens=3))
+    assert len(answers[0].token_ids) == 3 and ratio == pytest.approx(1 - n_kept_pairs(68, 0.5) / 68)
