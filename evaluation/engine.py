@@ -89,10 +89,12 @@ def answer_cost(kv_storage: str, kv_bytes_dense: int, held_after_prefill: int, h
             "prefill_seconds": prefill_seconds, "decode_seconds": decode_seconds, "throughput_scope": throughput_scope}
 
 
-def encode_group(tokenizer, group: list[dict], config: EvalConfig, truncation: str, device) -> PromptParts:
-    """Token ids of a group's shared context (truncated as the dataset says) and of each of its questions."""
+def encode_group(tokenizer, group: list[dict], config: EvalConfig, truncation: str, device,
+                 delimiter: str | None = None) -> PromptParts:
+    """Token ids of a group's shared context (truncated as the dataset says) and of each of its questions;
+    ``delimiter`` goes between the context and a query-aware question (a press's ``prompt_delimiter``)."""
     parts = encode_prompt(tokenizer, group[0]["context"], [r["question"] for r in group], group[0]["answer_prefix"],
-                          None, config.enable_thinking, config.query_aware)
+                          None, config.enable_thinking, config.query_aware, delimiter)
     context_ids = truncate_context(parts.context_ids, config.max_context_length, truncation).to(device)
     return PromptParts(context_ids, [q.to(device) for q in parts.question_ids])
 
@@ -107,7 +109,8 @@ def answer_group(model, tokenizer, group: list[dict], press, config: EvalConfig,
                  truncation: str, prefill_chunk_size: int | None = None) -> list[dict]:
     """The one-at-a-time path: prefill one context under ``press`` (its state is reset on entry), answer its
     questions; one prediction record per question."""
-    parts = encode_group(tokenizer, group, config, truncation, next(model.parameters()).device)
+    parts = encode_group(tokenizer, group, config, truncation, next(model.parameters()).device,
+                         press.prompt_delimiter(tokenizer) if config.query_aware else None)
     seed_context(config, group, sample_index)
     settings = generation_settings(config, max(r["max_new_tokens"] for r in group), sample_index)
     measures = Measures()
@@ -179,6 +182,8 @@ def engine_refusal(model: nn.Module, run: PreparedRun, config: EvalConfig) -> st
         return "the model has sliding-window layers"
     if getattr(press, "rewrites_cache", False):
         return "the press rewrites cached keys or values"
+    if press.needs_question:
+        return "the press reads its question from a prompt of its own"
     if run.prefill_chunk_size:
         return "it prefills in chunks"
     if config.kv_storage == "compact" and press.compresses_while_decoding:

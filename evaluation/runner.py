@@ -73,7 +73,8 @@ def sweep_grid(config: EvalConfig) -> list[RunSpec]:
                                   f"{'-4' if knob == 'threshold' else '0.5'})")
             grid.extend(RunSpec(dataset, press, knob, value) for value in points)
     for spec in grid:  # build each press once so a bad setting fails now, not after the model loaded
-        make_press(spec, config)
+        if make_press(spec, config).needs_question and not config.query_aware:
+            raise ConfigError(f"press '{spec.press}' compresses the context with its question: add --query_aware true")
     return grid
 
 

@@ -28,11 +28,13 @@ from presses.errors import PressError
 from presses.expected_attention_press import ExpectedAttentionPress
 from presses.expected_attention_stats_press import ExpectedAttentionStatsPress
 from presses.fastkvzip_press import FastKVzipPress
+from presses.finch_press import FinchPress
 from presses.generation import Answer, GenerationSettings, answer_questions, decode
 from presses.key_rerotation_press import KeyRerotationPress
 from presses.keydiff_press import KeyDiffPress
 from presses.knorm_press import KnormPress
 from presses.kvcompose_press import KVComposePress
+from presses.kvgrad_press import KVgradPress
 from presses.kvzap_press import KVzapConfig, KVzapModel, KVzapPress
 from presses.kvzip_press import KVzipPress
 from presses.lagkv_press import LagKVPress
@@ -49,6 +51,7 @@ from presses.pyramidkv_press import PyramidKVPress
 from presses.qfilter_press import QFilterPress
 from presses.random_press import RandomPress
 from presses.registry import PRESSES, build_press, get_spec, press_names
+from presses.restorekv_press import RestoreKVPress
 from presses.scorer_press import ScorerPress
 from presses.simlayerkv_press import SimLayerKVPress
 from presses.snapkv_press import SnapKVPress
@@ -62,11 +65,13 @@ __all__ = [
     "AdaKVPress", "Answer", "BasePress", "BlockPress", "CAMPress", "CURPress", "CapPress", "ChunkKVPress",
     "ChunkPress", "CompactorPress", "ComposedPress", "CompressionRatioDecodingPress", "CriticalAdaKVPress",
     "CriticalKVPress", "DMSPress", "DecodingPress", "DuoAttentionPress", "ExpectedAttentionPress",
-    "ExpectedAttentionStatsPress", "FastKVzipPress", "GenerationSettings", "KVComposePress",
-    "KVPressTextGenerationPipeline", "KVzapConfig", "KVzapModel", "KVzapPress", "KVzipPress", "KeyDiffPress",
+    "ExpectedAttentionStatsPress", "FastKVzipPress", "FinchPress", "GenerationSettings", "KVComposePress",
+    "KVPressTextGenerationPipeline", "KVgradPress", "KVzapConfig", "KVzapModel", "KVzapPress", "KVzipPress",
+    "KeyDiffPress",
     "KeyRerotationPress", "KnormPress", "LUKVPress", "LagKVPress", "LayerInputs", "LeverageScorePress",
     "MergingPress", "NoPress", "NonCausalAttnPress", "ObservedAttentionPress", "PRESSES", "PerLayerCompressionPress",
-    "PrefillDecodingPress", "PressError", "PyramidKVPress", "QFilterPress", "RandomPress", "ScorerPress",
+    "PrefillDecodingPress", "PressError", "PyramidKVPress", "QFilterPress", "RandomPress", "RestoreKVPress",
+    "ScorerPress",
     "SimLayerKVPress", "SnapKVPress", "StreamingLLMPress", "TOVAPress", "ThinKPress", "ThresholdPress",
     "answer_questions", "build_press", "decode", "encode_prompt", "get_spec", "press_names",
 ]

@@ -127,10 +127,17 @@ class BasePress:
     # Per-layer state tensors indexed by position on their last axis: cut back when the cache is cropped.
     position_state: ClassVar[tuple[str, ...]] = ("evicted",)
 
+    # True for presses that compress the context together with its question (FINCH): they run query-aware only.
+    needs_question: ClassVar[bool] = False
+
     def children(self) -> list[BasePress]:
         """Presses this one wraps (their state is reset, saved and restored with this one's)."""
         return []
 
+    def prompt_delimiter(self, tokenizer) -> str | None:
+        """Text a query-aware prompt puts between the context and the question for this press (FINCH's delimiter
+        token; it may add the token to ``tokenizer``). None: the plain prompt."""
+        return None
 
     @property
     def compresses_while_decoding(self) -> bool:

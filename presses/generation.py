@@ -2,7 +2,8 @@
 
 This is kvpress's protocol (its pipeline): the context is prefilled and compressed once; each question (with its
 answer prefix) is then appended and answered greedily or by sampling; between questions the cache is cut back
-to the context and the press's state restored, so every question sees the same compressed context.
+to the context (and its values restored, for a press that writes them while decoding) and the press's state
+restored, so every question sees the same compressed context.
 """
 
 from __future__ import annotations
@@ -194,11 +195,21 @@ def answer_questions(
         # A press that evicts while decoding frees context pairs too: later questions need them back.
         stored = [layer.state_copy() for layer in compact_layers(cache)] if (
             press.compresses_while_decoding and len(question_ids) > 1) else None
+        # A press that writes cached values while decoding (CAM's merges) would hand one answer's writes to the next
+        # question: keep the post-prefill keys and values and put them back before every later question.
+        saved = None
+        if press.rewrites_cache and press.compresses_while_decoding and len(question_ids) > 1:
+            saved = {module.layer_idx: [t.clone() for t in compat.keys_values(cache, module.layer_idx)]
+                     for module in compat.attention_modules(model)}
         for index, ids in enumerate(question_ids):
             if stored is not None and index > 0:
                 for layer, state in zip(compact_layers(cache), stored, strict=True):
                     layer.load_state(state)
             compat.crop_cache(cache, context_length)
+            if saved is not None and index > 0:
+                for layer_idx, originals in saved.items():
+                    for cached, original in zip(compat.keys_values(cache, layer_idx), originals, strict=True):
+                        cached.copy_(original)
             press.restore(compressed)
             generator = torch.Generator(device=ids.device).manual_seed(settings.seed + index)
             start = time.perf_counter()

@@ -30,34 +30,49 @@ class KeyRerotationPress(ScorerWrapperPress):
 
     def post_init_from_model(self, model: nn.Module, tokenizer=None) -> None:
         super().post_init_from_model(model, tokenizer)
-        base = model.model if hasattr(model, "model") else model
-        rotary = getattr(getattr(base, "language_model", base), "rotary_emb", None)
-        if rotary is None or getattr(rotary, "attention_scaling", 1.0) != 1.0:
-            raise PressError("KeyRerotationPress needs a model with a plain rotary embedding (no attention scaling)")
-        self.__dict__["_inv_freq"] = rotary.inv_freq
+        self.__dict__["_inv_freq"] = rotary_inv_freq(model, type(self).__name__)
 
     def compress(self, layer: LayerInputs) -> torch.Tensor:
         if not layer.is_prefill or self.compression_ratio == 0:
             return layer.evicted
-        inv_freq = self.__dict__.get("_inv_freq")
-        if inv_freq is None:
-            raise PressError("KeyRerotationPress needs the model's rotary embedding: apply it as `with press(model):`")
-        dim = layer.keys.shape[-1]
-        if 2 * inv_freq.numel() != dim:
-            raise PressError("KeyRerotationPress supports full-head RoPE only (this model rotates part of the head)")
         kept_now = int((~layer.evicted).sum(-1).max())
         evicted = keep_top_scores(self.press.scores_for(layer), self.press.n_kept(kept_now, layer.module.layer_idx),
                                   layer.evicted)
-        n_kept = (~evicted).sum(-1)
-        if bool((n_kept != n_kept.flatten()[0]).any()):
-            raise PressError("KeyRerotationPress needs the same number of kept pairs in every head")
-        n = int(n_kept.flatten()[0])
-        kept = evicted.to(torch.uint8).argsort(dim=-1, stable=True)[..., :n]  # kept positions, ascending
-        shift = (layer.k_len - n + torch.arange(n, device=kept.device)) - kept  # (batch, kv_heads, n)
-        angles = shift[..., None].float() * inv_freq.float().to(kept.device)  # (batch, kv_heads, n, dim / 2)
-        cos, sin = torch.cat([angles, angles], dim=-1).cos(), torch.cat([angles, angles], dim=-1).sin()
-        index = kept[..., None].expand(-1, -1, -1, dim)
-        keys = layer.keys.gather(2, index).float()
-        rotated = keys * cos + torch.cat([-keys[..., dim // 2:], keys[..., : dim // 2]], dim=-1) * sin
-        layer.keys.scatter_(2, index, rotated.to(layer.keys.dtype))
+        rerotate_kept_keys(layer.keys, evicted, self.__dict__.get("_inv_freq"), type(self).__name__)
         return evicted
+
+
+def rotary_inv_freq(model: nn.Module, press_name: str) -> torch.Tensor:
+    """The model's RoPE inverse frequencies (head_dim / 2,); a one-line error for a model without a plain RoPE."""
+    base = model.model if hasattr(model, "model") else model
+    rotary = getattr(getattr(base, "language_model", base), "rotary_emb", None)
+    if rotary is None or getattr(rotary, "attention_scaling", 1.0) != 1.0:
+        raise PressError(f"{press_name} needs a model with a plain rotary embedding (no attention scaling)")
+    return rotary.inv_freq
+
+
+def rerotate_kept_keys(keys: torch.Tensor, evicted: torch.Tensor, inv_freq: torch.Tensor | None,
+                       press_name: str) -> None:
+    """Rotate the kept keys in place as if the ``n`` kept pairs of each head sat at positions ``k_len - n ..``.
+
+    ``keys`` (batch, kv_heads, k_len, head_dim) is the layer's cache, ``evicted`` (batch, kv_heads, k_len) the
+    final mask, with the same number ``n`` of kept pairs in every head. Kept key ``i`` (at position ``p_i``) turns by
+    ``k_len - n + i - p_i`` positions, so a question appended after ``k_len`` sees kvpress's distances ``n + t - i``.
+    """
+    if inv_freq is None:
+        raise PressError(f"{press_name} needs the model's rotary embedding: apply it as `with press(model):`")
+    dim = keys.shape[-1]
+    if 2 * inv_freq.numel() != dim:
+        raise PressError(f"{press_name} supports full-head RoPE only (this model rotates part of the head)")
+    n_kept = (~evicted).sum(-1)
+    if bool((n_kept != n_kept.flatten()[0]).any()):
+        raise PressError(f"{press_name} needs the same number of kept pairs in every head")
+    n, k_len = int(n_kept.flatten()[0]), keys.shape[2]
+    kept = evicted.to(torch.uint8).argsort(dim=-1, stable=True)[..., :n]  # kept positions, ascending
+    shift = (k_len - n + torch.arange(n, device=kept.device)) - kept  # (batch, kv_heads, n)
+    angles = shift[..., None].float() * inv_freq.float().to(kept.device)  # (batch, kv_heads, n, dim / 2)
+    cos, sin = torch.cat([angles, angles], dim=-1).cos(), torch.cat([angles, angles], dim=-1).sin()
+    index = kept[..., None].expand(-1, -1, -1, dim)
+    gathered = keys.gather(2, index).float()
+    rotated = gathered * cos + torch.cat([-gathered[..., dim // 2:], gathered[..., : dim // 2]], dim=-1) * sin
+    keys.scatter_(2, index, rotated.to(keys.dtype))

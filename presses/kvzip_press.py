@@ -22,7 +22,6 @@ from presses.errors import PressError
 REPEAT_FIRST_CHUNK = "\n\nRepeat the previous context exactly."
 REPEAT_NEXT_CHUNK = "\n\nRepeat the part of the previous context exactly, starting with"
 OVERLAP_TOKENS = 8  # tokens of the previous chunk quoted to say where the repetition starts
-TOKENIZER_ERROR = "kvzip needs the model's tokenizer: call press(model, tokenizer)"
 
 
 def value_output_norms(module: nn.Module, values: torch.Tensor) -> torch.Tensor:
@@ -47,6 +46,7 @@ def kvzip_scores(
     key_slice: slice,
     plus_normalization: bool = False,
     n_sink: int = 0,
+    query_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """KVzip(+) score of the cached pairs in ``key_slice``, float32: (batch, kv_heads, n_keys).
 
@@ -57,7 +57,8 @@ def kvzip_scores(
     As in KVzip (reference.md section 5) the softmax runs over a reduced key set: the first ``min(n_sink, start)``
     positions, the ``key_slice`` positions and the R query positions themselves (causal among them); logits are
     ``q.k * module.scaling``. KVzip keeps the attention weight a_ji; KVzip+ uses ``a_ji * ||W_o^h v_i|| / ||x_j||``
-    (no log). The score of pair i is the max over the R queries and over the query heads of its KV group.
+    (no log); with ``query_weights`` (batch, R), KVgrad's gradient norms, ``a_ji * ||W_o^h v_i|| * w_j``. The score of
+    pair i is the max over the R queries and over the query heads of its KV group.
     With ``key_slice = slice(0, k_len - R)`` the key set is the whole causal prefix, i.e. the plain attention.
     Memory: one (batch, group, R, n_sink + n_keys + R) float32 block at a time (one KV head at a time).
     """
@@ -78,17 +79,20 @@ def kvzip_scores(
     queries = compat.query_states(module, query_hidden_states, position_embeddings).float()
     queries = queries.view(batch, kv_heads, groups, n_queries, -1)
     future = torch.ones(n_queries, n_queries, dtype=torch.bool, device=device).triu(1)
-    if plus_normalization:
+    weighted = plus_normalization or query_weights is not None
+    if weighted:
         output_norms = value_output_norms(module, values[:, :, start:stop]).view(batch, kv_heads, groups, 1, n_keys)
-        inverse_query_norms = query_hidden_states.float().norm(dim=-1).reciprocal()[:, None, :, None]  # (b, 1, R, 1)
+        if query_weights is None:
+            query_weights = query_hidden_states.float().norm(dim=-1).reciprocal()
+        query_weights = query_weights.float()[:, None, :, None]  # (b, 1, R, 1)
     scores = torch.empty(batch, kv_heads, n_keys, dtype=torch.float32, device=device)
     for head in range(kv_heads):
         selected = keys[:, head, index].float()  # (batch, n_sink + n_keys + R, head_dim)
         logits = torch.einsum("bgrd,bnd->bgrn", queries[:, head], selected) * module.scaling
         logits[..., -n_queries:].masked_fill_(future, float("-inf"))
         weights = torch.softmax(logits, dim=-1)[..., sinks : sinks + n_keys]  # (batch, group, R, n_keys)
-        if plus_normalization:
-            weights = weights * output_norms[:, head] * inverse_query_norms
+        if weighted:
+            weights = weights * output_norms[:, head] * query_weights
         scores[:, head] = weights.amax(dim=(1, 2))
     return scores
 
@@ -154,7 +158,8 @@ class KVzipPress(ContextPassPress):
 
                 tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
             except Exception:  # any failure to find a tokenizer gets the same one-line answer
-                raise PressError(TOKENIZER_ERROR) from None
+                raise PressError(f"{self.pass_name} needs the model's tokenizer: call press(model, "
+                                 "tokenizer)") from None
         self._prefix_length, self._suffix_ids = chat_template_pieces(tokenizer)
         self._first_instruction = tokenizer.encode(REPEAT_FIRST_CHUNK, add_special_tokens=False)
         self._next_instruction = tokenizer.encode(REPEAT_NEXT_CHUNK, add_special_tokens=False)
@@ -208,12 +213,13 @@ class KVzipPress(ContextPassPress):
                 scores[module.layer_idx] = keys.new_zeros((1, keys.shape[1], context_length), dtype=torch.float32)
         return scores
 
-    def _select(self, scores: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    def _select(self, scores: dict[int, torch.Tensor],
+                compression_ratio: float | None = None) -> dict[int, torch.Tensor]:
         """Evict the lowest scores over all layers at once, or within each layer with ``layerwise``.
 
-        ``int(n * compression_ratio)`` of the n pairs go (n over all layers, or per layer), fewer if that would
-        touch the first ``n_sink`` positions, which are always kept. Chat-template prefix positions after the sinks
-        go first; a head that lost every pair keeps its best one.
+        ``int(n * compression_ratio)`` (the press's own ratio unless one is given) of the n pairs go (n over all
+        layers, or per layer), fewer if that would touch the first ``n_sink`` positions, which are always kept.
+        Chat-template prefix positions after the sinks go first; a head that lost every pair keeps its best one.
         """
         layers = sorted(scores)
         device = scores[layers[0]].device
@@ -225,7 +231,8 @@ class KVzipPress(ContextPassPress):
         for group in groups:
             flat = group.flatten()
             candidates = (flat != float("inf")).nonzero().squeeze(1)
-            n_removed = min(int(flat.numel() * self.compression_ratio), candidates.numel())
+            ratio = self.compression_ratio if compression_ratio is None else compression_ratio
+            n_removed = min(int(flat.numel() * ratio), candidates.numel())
             mask = torch.zeros_like(flat, dtype=torch.bool)
             mask[candidates[flat[candidates].topk(n_removed, largest=False).indices]] = True
             evicted.append(mask.view_as(group))

@@ -58,15 +58,17 @@ def encode_prompt(
     max_context_length: int | None = None,
     enable_thinking: bool = False,
     query_aware: bool = False,
+    delimiter: str | None = None,
 ) -> PromptParts:
-    """Token ids for kvpress's protocol. ``query_aware`` moves the (single) question into the compressed context.
+    """Token ids for kvpress's protocol. ``query_aware`` moves the (single) question into the compressed context,
+    after ``delimiter`` if given (FINCH's delimiter token, see ``BasePress.prompt_delimiter``).
 
     A context longer than ``max_context_length`` tokens keeps its first tokens, as kvpress does.
     """
     if query_aware:
         if len(questions) != 1:
             raise ValueError("query-aware compression needs exactly one question per context")
-        context, questions = context + questions[0], [""]
+        context, questions = context + (delimiter or "") + questions[0], [""]
     formatted_context, suffix = split_chat_template(tokenizer, context, enable_thinking)
     context_ids = tokenizer.encode(formatted_context, add_special_tokens=False, return_tensors="pt")
     if max_context_length is not None and context_ids.shape[1] > max_context_length:

@@ -30,9 +30,11 @@ from presses.duo_attention_press import DuoAttentionPress
 from presses.errors import PressError
 from presses.expected_attention_press import ExpectedAttentionPress
 from presses.fastkvzip_press import FastKVzipPress
+from presses.finch_press import FinchPress
 from presses.keydiff_press import KeyDiffPress
 from presses.knorm_press import KnormPress
 from presses.kvcompose_press import KVComposePress
+from presses.kvgrad_press import KVgradPress
 from presses.kvzap_press import KVzapPress
 from presses.kvzip_press import KVzipPress
 from presses.lagkv_press import LagKVPress
@@ -45,6 +47,7 @@ from presses.observed_attention_press import ObservedAttentionPress
 from presses.pyramidkv_press import PyramidKVPress
 from presses.qfilter_press import QFilterPress
 from presses.random_press import RandomPress
+from presses.restorekv_press import RestoreKVPress
 from presses.simlayerkv_press import SimLayerKVPress
 from presses.snapkv_press import SnapKVPress
 from presses.streaming_llm_press import StreamingLLMPress
@@ -136,6 +139,8 @@ register("kvzip", KVzipPress, "oracle: attention from a context-reconstruction p
 register("kvzip_plus", lambda compression_ratio=0.0, **kw: KVzipPress(compression_ratio,
                                                                         kvzip_plus_normalization=True, **kw),
          "KVzip with KVzap's output-norm normalisation (the KVzap target)")
+register("kvgrad", KVgradPress, "KVzip's reconstruction attention x |W_o v| x gradient of the output (KVgrad, kvpress "
+         "PR #279; not in kvpress's evaluate registry)")
 register("kvzap_linear", _dms_kvzap("linear"), "KVzap linear surrogate, DMS threshold eviction (Jegou et al. 2026)")
 register("kvzap_mlp", _dms_kvzap("mlp"), "KVzap MLP surrogate, DMS threshold eviction (Jegou et al. 2026)")
 register("kvzap_mlp_head", lambda compression_ratio=0.0, **kw: KVzapPress(compression_ratio, model_type="mlp", **kw),
@@ -237,6 +242,13 @@ register("qfilter", QFilterPress, "keys projected on the queries' principal dire
 register("decoding_qfilter", lambda **kw: DecodingPress(base_press=QFilterPress(), **kw),
          "Q-Filters applied while decoding: every 512 steps, keep 2048 pairs per head")
 register("fastkvzip", FastKVzipPress, "gates trained on KVzip scores, evicted over all layers (Kim et al. 2026)")
+register("RestoreKV", RestoreKVPress, "KVzip plus 8 learned restore tokens sharing the budget, LoRA adapter from "
+         "higokri/RestoreKV-<model> (arXiv 2608.01247)")
+register("RestoreKV_plus", lambda compression_ratio=0.0, **kw: RestoreKVPress(compression_ratio,
+                                                                             kvzip_plus_normalization=True, **kw),
+         "RestoreKV on KVzip+ scores, adapter higokri/RestoreKV-<model>_plus")
+register("finch", FinchPress, "SnapKV-style, the question (after a delimiter token) as the window; query-aware only, "
+         "kept keys re-rotated (Corallo & Papotti 2024)")
 
 # kvpress's evaluate_registry.py names present here. Each means what it means in kvpress.
 KVPRESS_NAMES = frozenset({
@@ -250,4 +262,5 @@ KVPRESS_NAMES = frozenset({
     "lukv",
     "compactor", "adakv_compactor", "merging_knorm", "merging_snapkv", "merging_expected_attention",
     "merging_kvzap_mlp", "duo_attention", "duo_attention_on_the_fly", "qfilter", "decoding_qfilter", "fastkvzip",
+    "finch", "RestoreKV", "RestoreKV_plus",
 })

@@ -27,6 +27,7 @@ from presses import (
     build_press,
 )
 from presses.compat import model_cache_kwarg
+from presses.generation import decode, eos_token_ids
 from presses.registry import KNOBS
 
 RATIO_PRESSES = [name for name, spec in sorted(PRESSES.items()) if spec.knob == "compression_ratio"]
@@ -94,6 +95,27 @@ def make_press(name: str, architecture: str, root: str, **knob):
     return build_press(name, **knob, **extra)
 
 
+def generate(model, press, ids: torch.Tensor, tokenizer, max_new_tokens: int) -> torch.Tensor:
+    """Greedy ``model.generate`` on ``ids`` inside ``press``. A press that compresses the context with its question
+    (FINCH) gets ``prompt_for`` and our decoding loop (generate's position ids would count the delimiter); the
+    output is ``ids`` followed by the new tokens either way."""
+    if not press.needs_question:
+        return model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+    tokens = decode(model, DynamicCache(config=model.config), prompt_for(press, ids, tokenizer),
+                    GenerationSettings(max_new_tokens=max_new_tokens), eos_token_ids(model, tokenizer))
+    return torch.cat([ids, torch.tensor([tokens])], dim=1)
+
+
+def prompt_for(press, ids: torch.Tensor, tokenizer) -> torch.Tensor:
+    """The prompt a press is run on: ``ids`` itself, or for a press that compresses the context with its question
+    (FINCH) the ids split by its delimiter token, the last min(20, n) tokens being the question."""
+    if not press.needs_question:
+        return ids
+    press.prompt_delimiter(tokenizer)
+    split = ids.shape[1] - min(20, ids.shape[1])
+    return torch.cat([ids[:, :split], torch.tensor([[press.delimiter_token_id]]), ids[:, split:]], dim=1)
+
+
 def model_for(name: str, architecture: str):
     return cached_model(architecture, "eager" if name == "observed_attention" else "sdpa")
 
@@ -111,7 +133,7 @@ def test_ratio_press_achieves_requested_ratio_and_generates(name, architecture, 
     for ratio in (0.25, 0.75):
         press = make_press(name, architecture, surrogate_root, compression_ratio=ratio)
         with press(model, tokenizer):
-            out = model.generate(ids, max_new_tokens=4, do_sample=False)
+            out = generate(model, press, ids, tokenizer, 4)
         assert 200 < out.shape[1] <= 204  # a random model may hit its end-of-sequence token early
         tolerance = max(0.01, CHUNK_TOKENS.get(name, 0) / 200)
         assert abs(press.achieved_compression_ratio - ratio) <= tolerance, (name, ratio,
@@ -185,7 +207,7 @@ def test_short_contexts_never_empty_a_head(name, context_length, tokenizer, surr
     knob = {"threshold": 1e6} if name in THRESHOLD_PRESSES else {"compression_ratio": 0.95}
     press = make_press(name, "qwen3", surrogate_root, **knob)
     with press(model, tokenizer):
-        model.generate(random_ids(context_length), max_new_tokens=2, do_sample=False)
+        generate(model, press, random_ids(context_length), tokenizer, 2)
     kept = kept_per_head(press, model)
     assert kept and all(int(k.min()) >= 1 for k in kept)
 
@@ -326,6 +348,25 @@ def test_questions_sharing_a_context_see_the_same_compressed_cache(tokenizer):
     alone, ratio_alone = answer_questions(model, tokenizer, context, [q2], press(), settings)
     assert both[1].token_ids == alone[0].token_ids
     assert ratio_both == ratio_alone
+
+
+def test_cam_merges_of_one_answer_do_not_reach_the_next_question(tokenizer, monkeypatch):
+    """CAM adds evicted values to kept context values while decoding: the next question must start again from the
+    post-prefill cache, so answering [q2, q1, q2] gives q2 the answer [q2] alone gets."""
+    # CAM draws each merge; drawn here as p >= 0.5 so that the answers depend on the cache only, not on how many
+    # draws earlier questions consumed.
+    monkeypatch.setattr(torch, "bernoulli", lambda p: (p >= 0.5).to(p.dtype))
+    model = cached_model("qwen3")
+    context, q1, q2 = random_ids(150), random_ids(6, seed=1), random_ids(6, seed=2)
+    settings = GenerationSettings(max_new_tokens=20)
+
+    def press():
+        return build_press("cam_knorm", compression_interval=4, target_size=64, merge_budget=8)
+
+    both, _ = answer_questions(model, tokenizer, context, [q2, q1, q2], press(), settings)
+    alone, _ = answer_questions(model, tokenizer, context, [q2], press(), settings)
+    assert both[0].token_ids == alone[0].token_ids
+    assert both[2].token_ids == alone[0].token_ids
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

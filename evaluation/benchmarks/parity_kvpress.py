@@ -11,13 +11,17 @@ How kept sets are read: ours from the eviction masks; kvpress's from ``module.ma
 presses (AdaKV family) and otherwise by finding each kept key row's nearest row among the keys of an uncompressed
 prefill (kvpress gathers rows, so they are equal up to the rounding of a different attention kernel; RoPE makes
 every row distinct). ThinK keeps sequence pairs; its "kept set"
-is the set of key channels it did not zero.
+is the set of key channels it did not zero. FINCH runs on the context with its delimiter token after 250 tokens (the
+rest is the question); kvpress's FINCH gathers keys without re-rotating them so that its rows can be found. RestoreKV's
+kept sets cover the context; the keys and values of its restore tokens are compared apart (kvpress loads the adapter,
+written here in the published layout, with peft).
 
 Cases: Llama and Qwen3 (4 layers, 4 query and 2 KV heads, head_dim 16), an odd context of 301 tokens, ratios
 0.25 / 0.5 / 0.75, float32 and bfloat16. Reported per press and case: the share of (layer, KV head) with identical
 kept sets, and the mean Jaccard overlap |A & B| / |A | B|. Random presses are left out (different generators), as are
-decoding presses (they act after the prefill) and the KVzip / KVzap families (a repeat prompt and trained
-surrogates; their parity is covered by tests/test_kvzip.py and the KVzap checkpoint tests).
+decoding presses (they act after the prefill) and the KVzap family (trained surrogates; covered by the KVzap
+checkpoint tests). The KVzip family (kvzip, kvzip_plus, kvgrad, RestoreKV) reads a word-level tokenizer saved beside
+each model (no chat template) and, for RestoreKV, a random adapter saved there.
 """
 
 from __future__ import annotations
@@ -70,7 +74,20 @@ KVPRESS_CONSTRUCTORS = {
     "merging_knorm": "MergingPress(KnormPress(r))",
     "merging_snapkv": "MergingPress(SnapKVPress(r))",
     "merging_expected_attention": "MergingPress(ExpectedAttentionPress(r, epsilon=1e-2))",
+    # Keys are gathered, not re-rotated, on kvpress's side so its kept rows can be found (the kept set is the same).
+    "finch": "with_delimiter(FinchPress(r, rerotate_keys=False))",
+    "kvzip": "KVzipPress(r)",
+    "kvzip_plus": "KVzipPress(r, kvzip_plus_normalization=True)",
+    "kvgrad": "KVgradPress(r)",
+    "RestoreKV": "with_adapter(RestoreKVPress(r))",
+    "RestoreKV_plus": "with_adapter(RestoreKVPress(r, kvzip_plus_normalization=True))",
 }
+# FINCH's prompt: the context's first QUESTION_AT tokens, the delimiter, then the rest as the question.
+DELIMITER, QUESTION_AT = 255, 250
+# Presses that read the tokenizer (KVzip's repeat prompt) or a RestoreKV adapter saved beside the model.
+TOKENIZER_PRESSES = {"kvzip", "kvzip_plus", "kvgrad", "RestoreKV", "RestoreKV_plus"}
+RESTORED = "restored|"  # result keys of RestoreKV's restore-token keys and values
+REPEAT_WORDS = "Repeat the previous context exactly. Repeat the part of the previous context exactly, starting with"
 # Presses that draw random numbers (Compactor's sketch): both sides seed torch identically before each forward.
 SEED = 0
 
@@ -95,9 +112,36 @@ def write_inputs(folder: Path) -> None:
         spread = torch.rand(99, config.num_hidden_layers, config.num_key_value_heads) * 0.2 - 0.1
         curve = torch.arange(1, 100)[:, None, None] / 100 + spread - spread.mean(dim=-1, keepdim=True)
         (folder / f"lukv-{architecture}.json").write_text(json.dumps(curve.clamp(0, 0.995).tolist()))
+        tiny_tokenizer().save_pretrained(folder / architecture)
+        from presses.restorekv_press import local_folder, random_adapter, save_adapter
+
+        model = AutoModelForCausalLM.from_pretrained(folder / architecture)
+        for plus in (False, True):  # a random adapter in the published layout; kvpress loads it with peft
+            torch.manual_seed(10 + i)
+            save_adapter(folder / architecture / local_folder(plus), random_adapter(model), rank=8, alpha=16)
     generator = torch.Generator().manual_seed(7)
-    ids = torch.randint(0, 256, (1, CONTEXT_LENGTH), generator=generator)
+    ids = torch.randint(0, DELIMITER, (1, CONTEXT_LENGTH), generator=generator)  # the delimiter occurs only once
     (folder / "ids.json").write_text(json.dumps(ids[0].tolist()))
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over the 256 ids, no chat template: KVzip's repeat prompt words have ids of their own."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", *dict.fromkeys(REPEAT_WORDS.replace(".", " .").replace(",", " ,").split())]
+    vocab = {word: i for i, word in enumerate(words + [f"t{i}" for i in range(256 - len(words))])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+
+
+def prompt_ids(folder: Path, name: str) -> torch.Tensor:
+    """The ids a press is run on: the shared context, with FINCH's delimiter inserted for finch."""
+    ids = json.loads((folder / "ids.json").read_text())
+    if name == "finch":
+        ids = ids[:QUESTION_AT] + [DELIMITER] + ids[QUESTION_AT:]
+    return torch.tensor([ids])
 
 
 def load(folder: Path, architecture: str, dtype: str, eager: bool):
@@ -143,12 +187,12 @@ def zeroed_channels_kept(cache, n_layers: int) -> list[list[list[int]]]:
 
 
 def our_side(folder: Path, names: list[str]) -> dict:
-    from transformers import DynamicCache
+    from transformers import AutoTokenizer, DynamicCache
 
     from presses import build_press
     from presses.compat import model_cache_kwarg
+    from presses.restorekv_press import local_folder
 
-    ids = torch.tensor([json.loads((folder / "ids.json").read_text())])
     results = {}
     for architecture, dtype, ratio in cases():
         for eager in (False, True):
@@ -158,28 +202,45 @@ def our_side(folder: Path, names: list[str]) -> dict:
                 model = load(folder, architecture, dtype, eager)  # fresh per press: no state leaks between them
                 knob = "key_channel_compression_ratio" if name == "think" else "compression_ratio"
                 extra = {"budget_curve": str(curve_npy(folder, architecture))} if name == "lukv" else {}
+                if name.startswith("RestoreKV"):
+                    extra["adapter"] = str(folder / architecture / local_folder(name.endswith("_plus")))
                 press = build_press(name, **{knob: ratio}, **extra)
+                tokenizer = None
+                if name in TOKENIZER_PRESSES:
+                    tokenizer = AutoTokenizer.from_pretrained(folder / architecture)
+                if name == "finch":
+                    press.delimiter_token_id = DELIMITER
                 cache = DynamicCache(config=model.config)
                 torch.manual_seed(SEED)
-                with press(model), torch.no_grad():
-                    model(input_ids=ids, **{model_cache_kwarg(): cache})
+                with press(model, tokenizer), torch.no_grad():
+                    model(input_ids=prompt_ids(folder, name), **{model_cache_kwarg(): cache})
                 n_layers = model.config.num_hidden_layers
                 if name == "think":
                     kept = zeroed_channels_kept(cache, n_layers)
                 else:
-                    kept = [[torch.nonzero(~head).flatten().tolist() for head in press.evicted_mask(layer)[0]]
-                            for layer in range(n_layers)]
+                    # RestoreKV's masks also cover its restore tokens after the context: compare the context.
+                    kept = [[torch.nonzero(~head[:CONTEXT_LENGTH]).flatten().tolist()
+                             for head in press.evicted_mask(layer)[0]] for layer in range(n_layers)]
                 results[_key(name, architecture, dtype, ratio)] = kept
+                if name.startswith("RestoreKV"):
+                    results[RESTORED + _key(name, architecture, dtype, ratio)] = restored_pairs(cache, n_layers)
     return results
+
+
+def restored_pairs(cache, n_layers: int) -> list:
+    """Per layer, the keys and values after the context: RestoreKV's restore tokens, encoded with its adapter."""
+    return [[cache.layers[layer].keys[0, :, CONTEXT_LENGTH:].float().tolist(),
+             cache.layers[layer].values[0, :, CONTEXT_LENGTH:].float().tolist()] for layer in range(n_layers)]
 
 
 def kvpress_side(folder: Path, names: list[str]) -> dict:
     """Runs under the side environment: imports kvpress, never this project's packages."""
     import kvpress
+    import kvpress.presses.restorekv_press as restorekv
     from transformers import DynamicCache
 
     namespace = {name: getattr(kvpress, name) for name in dir(kvpress) if name.endswith("Press")}
-    ids = torch.tensor([json.loads((folder / "ids.json").read_text())])
+    ids = prompt_ids(folder, "")
     results = {}
     for architecture, dtype, ratio in cases():
         for eager in (False, True):
@@ -200,11 +261,26 @@ def kvpress_side(folder: Path, names: list[str]) -> dict:
                     press._budget_curves = np.array(curve, dtype=np.float32)  # kvpress would download its own
                     return press
 
-                press = eval(KVPRESS_CONSTRUCTORS[name], dict(namespace, r=ratio, with_curve=with_curve))  # noqa: S307
+                def with_delimiter(press):
+                    press.delimiter_token_id = DELIMITER  # what update_model_and_tokenizer would set
+                    return press
+
+                def with_adapter(press, model=model, architecture=architecture):
+                    # The adapter saved beside the model instead of higokri/RestoreKV-<model>, loaded with peft.
+                    adapter = folder / architecture / ("restorekv_plus" if press.kvzip_plus_normalization
+                                                       else "restorekv")
+                    restorekv.hf_hub_download = lambda repo, filename: str(adapter / filename)
+                    model.load_adapter(str(adapter), adapter_name=press.adapter_name)
+                    return press
+
+                constructors = dict(namespace, r=ratio, with_curve=with_curve, with_delimiter=with_delimiter,
+                                    with_adapter=with_adapter)
+                press = eval(KVPRESS_CONSTRUCTORS[name], constructors)  # noqa: S307
                 cache = DynamicCache()
                 torch.manual_seed(SEED)
+                # KVzip's family scores and evicts when its context closes, after the forward.
                 with press(model), torch.no_grad():
-                    model(input_ids=ids, past_key_values=cache)
+                    model(input_ids=prompt_ids(folder, name), past_key_values=cache)
                 if name == "think":
                     results[_key(name, architecture, dtype, ratio)] = zeroed_channels_kept(cache, n_layers)
                     continue
@@ -227,12 +303,28 @@ def kvpress_side(folder: Path, names: list[str]) -> dict:
                             heads.append(sorted(distances.argmin(dim=-1).tolist()))
                     kept.append(heads)
                 results[_key(name, architecture, dtype, ratio)] = kept
+                if name.startswith("RestoreKV"):
+                    results[RESTORED + _key(name, architecture, dtype, ratio)] = restored_pairs(cache, n_layers)
     return results
+
+
+def compare_restored(ours: dict, theirs: dict) -> list[str]:
+    """One line per RestoreKV case: the largest |difference| of the restore tokens' keys and values (kvpress encodes
+    them through peft's LoRA layers, this side through forward hooks on the same safetensors)."""
+    lines = []
+    for key in (k for k in ours if k.startswith(RESTORED)):
+        ours_t, theirs_t = torch.tensor(ours[key]), torch.tensor(theirs[key])
+        diff = float((ours_t - theirs_t).abs().max())
+        lines.append(f"- {key[len(RESTORED):].replace('|', ' ')}: max |difference| {diff:.2e} "
+                     f"(largest entry {float(theirs_t.abs().max()):.2f})")
+    return lines
 
 
 def compare(ours: dict, theirs: dict) -> list[dict]:
     rows = []
     for key in ours:
+        if key.startswith(RESTORED):
+            continue
         name, architecture, dtype, ratio = key.split("|")
         identical, jaccards = [], []
         for our_layer, their_layer in zip(ours[key], theirs[key], strict=True):
@@ -286,10 +378,15 @@ def main(argv: list[str] | None = None) -> None:
         subprocess.run([args.kvpress_python, str(Path(__file__).resolve()), "--side", "kvpress", "--work_dir",
                         str(folder), "--presses", ",".join(names)], check=True)
         ours = our_side(folder, names)
-        rows = compare(ours, json.loads((folder / "kvpress.json").read_text()))
+        theirs = json.loads((folder / "kvpress.json").read_text())
+        rows = compare(ours, theirs)
+        restored = compare_restored(ours, theirs)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))
     print(markdown(rows))
+    if restored:
+        print("\nRestoreKV restore tokens, keys and values after the context, here vs kvpress (peft):")
+        print("\n".join(restored))
 
 
 if __name__ == "__main__":
