@@ -175,18 +175,18 @@ def execute_sequentially(model, tokenizer, records: list[dict], run: PreparedRun
 
 
 
-def engine_refusal(model: nn.Module, run: PreparedRun, config: EvalConfig) -> str | None:
+def engine_refusal(model: nn.Module, press: BasePress, kv_storage: str = "compact",
+                   chunked_prefill: bool = False) -> str | None:
     """Why a cell cannot share the engine's prefill and batched decoding (it then runs one context at a time)."""
-    press = run.press
     if len(compat.attention_modules(model)) != len(compat.decoder_layers(model)):
         return "the model has sliding-window layers"
     if getattr(press, "rewrites_cache", False):
         return "the press rewrites cached keys or values"
     if press.needs_question:
         return "the press reads its question from a prompt of its own"
-    if run.prefill_chunk_size:
+    if chunked_prefill:
         return "it prefills in chunks"
-    if config.kv_storage == "compact" and press.compresses_while_decoding:
+    if kv_storage == "compact" and press.compresses_while_decoding:
         return "the press evicts while decoding: each answer needs a compact cache of its own"
     return None
 

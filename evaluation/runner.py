@@ -227,12 +227,12 @@ def run_cells(model, tokenizer, config: EvalConfig, specs: list[RunSpec]) -> lis
         for dataset in datasets:
             runs = [run for run in prepared if run.spec.dataset == dataset]
             logger.info("%s: %d samples", dataset, len(records[dataset]))
-            batched = [run for run in runs if config.engine == "batched"
-                       and engine_refusal(model, run, config) is None]
+            refusals = {run.label: engine_refusal(model, run.press, config.kv_storage, bool(run.prefill_chunk_size))
+                        for run in runs}
+            batched = [run for run in runs if config.engine == "batched" and refusals[run.label] is None]
             for run in runs:
                 if run not in batched and config.engine == "batched":
-                    logger.info("%s: runs one context at a time (%s)", run.label,
-                                engine_refusal(model, run, config))
+                    logger.info("%s: runs one context at a time (%s)", run.label, refusals[run.label])
             try:
                 if batched:
                     execute(model, tokenizer, records[dataset], batched, config, progress)

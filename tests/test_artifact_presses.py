@@ -27,11 +27,12 @@ from presses.fastkvzip_press import load_gates
 
 
 def prefill(model, press, n: int = 120):
-    """Run one prefill under ``press``; return the cache."""
+    """Run one prefill under ``press``; return the cache, every pair still in it (masked storage: the tests read
+    the keys the press scored)."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
-    with press(model), torch.no_grad():
+    with press(model, kv_storage="mask"), torch.no_grad():
         model(input_ids=random_ids(n), **{model_cache_kwarg(): cache}, use_cache=True)
     return cache
 

@@ -59,7 +59,8 @@ def answers(kvtiny, tmp_path: Path, factories: dict, config: EvalConfig, engine:
         with run.press(model, tokenizer):  # as the runner does: fail early, load what the press loads once
             pass
     with tqdm(disable=True) as progress:
-        shared = [run for run in runs if engine == "batched" and engine_refusal(model, run, config) is None]
+        shared = [run for run in runs
+                  if engine == "batched" and engine_refusal(model, run.press, config.kv_storage) is None]
         if shared:
             execute(model, tokenizer, records, shared, config, progress)
         for run in runs:

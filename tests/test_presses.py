@@ -249,7 +249,7 @@ def test_evicted_pairs_get_zero_attention_while_decoding():
     ids = random_ids(120)
     press = AdaKVPress(KnormPress(compression_ratio=0.6))
     cache = DynamicCache(config=model.config)
-    with press(model), torch.no_grad():
+    with press(model, kv_storage="mask"), torch.no_grad():  # masked storage: evicted pairs are still there to weigh
         model(input_ids=ids, **{model_cache_kwarg(): cache})
         out = model(input_ids=random_ids(3, seed=5), **{model_cache_kwarg(): cache}, output_attentions=True)
     groups = model.config.num_attention_heads // model.config.num_key_value_heads
@@ -489,7 +489,7 @@ def test_knorm_in_bfloat16_keeps_what_float32_norms_of_the_same_keys_choose():
     model = make_model("qwen3", "sdpa").to(torch.bfloat16)
     press = KnormPress(compression_ratio=0.5)
     cache = DynamicCache(config=model.config)
-    with press(model), torch.no_grad():
+    with press(model, kv_storage="mask"), torch.no_grad():  # every key stays in the cache, to recompute norms
         model(input_ids=random_ids(150), **{model_cache_kwarg(): cache})
     for layer_idx in range(model.config.num_hidden_layers):
         keys = cache.layers[layer_idx].keys

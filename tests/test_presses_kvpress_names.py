@@ -93,7 +93,7 @@ def test_merging_writes_merged_values_at_kept_positions_and_leaves_keys_alone():
     for name in ("knorm", "merging_knorm"):
         press = build_press(name, compression_ratio=0.5)
         caches[name] = DynamicCache(config=model.config)
-        with press(model), torch.no_grad():
+        with press(model, kv_storage="mask"), torch.no_grad():  # both keep every pair, to compare them
             model(input_ids=random_ids(80), **{model_cache_kwarg(): caches[name]})
         assert press.rewrites_cache == (name == "merging_knorm")
     evicted = press.evicted_mask(0)[0]  # same selection as knorm: merging only changes values
