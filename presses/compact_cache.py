@@ -32,6 +32,8 @@ forwards after the prefill take this path whatever the model's implementation (s
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 from transformers import AttentionInterface
@@ -297,7 +299,9 @@ class CompactLayer(DynamicLayer):
         """A packed layer holding the pairs of ``keys``/``values`` (batch, kv_heads, n, head_dim) not in
         ``evicted`` (a copy: the dense tensors stay as they are)."""
         layer = cls()
-        layer.update(keys, values)
+        layer.lazy_initialization(keys, values)
+        layer.keys, layer.values = keys, values  # read in place by the packing, not copied first
+        layer._note_peak()
         layer.apply_evictions(evicted)
         return layer
 
@@ -391,8 +395,7 @@ def compact_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     layer: CompactLayer | None = kwargs.pop(STORAGE_KWARG, None)
     if layer is None or not layer.packed:
         original = COMPACT_ATTENTION[module.config._attn_implementation]
-        if original == "eager":
-            import sys
+        if original == "eager":  # each modeling file defines its own
             function = sys.modules[type(module).__module__].eager_attention_forward
         else:
             function = ALL_ATTENTION_FUNCTIONS[original]
