@@ -33,6 +33,7 @@ from evaluation.config import EvalConfig
 from evaluation.datasets.registry import get_dataset
 from presses import BasePress, GenerationSettings, answer_questions, compat
 from presses.batched_decoding import BatchedDecoder, Row, SharedContext
+from presses.compact_cache import packed_kv_bytes
 from presses.generation import Measures, eos_token_ids
 from presses.pipeline import PromptParts, encode_prompt
 
@@ -81,10 +82,12 @@ def prediction_record(record: dict, sample_index: int, config: EvalConfig, predi
 
 
 def answer_cost(kv_storage: str, kv_bytes_dense: int, held_after_prefill: int, held_end: int, peak: int,
-                prefill_seconds: float, decode_seconds: float, throughput_scope: str) -> dict:
+                prefill_seconds: float, decode_seconds: float, throughput_scope: str, held_source: str) -> dict:
     """The memory and speed fields of a prediction record. ``prefill_seconds`` is set on the first answer of a
-    context only (0 on the others), so sums over answers count each prefill once."""
-    return {"kv_storage": kv_storage, "kv_bytes_dense": kv_bytes_dense,
+    context only (0 on the others), so sums over answers count each prefill once. ``held_source``: ``cache`` (read
+    from the cache that answered) or ``layout`` (the sweep engine: computed from the press's masks by the packing's
+    rule, which is what its compact cache holds)."""
+    return {"kv_storage": kv_storage, "kv_bytes_held_source": held_source, "kv_bytes_dense": kv_bytes_dense,
             "kv_bytes_held_after_prefill": held_after_prefill, "kv_bytes_held_end": held_end, "kv_bytes_peak": peak,
             "prefill_seconds": prefill_seconds, "decode_seconds": decode_seconds, "throughput_scope": throughput_scope}
 
@@ -122,7 +125,8 @@ def answer_group(model, tokenizer, group: list[dict], press, config: EvalConfig,
                               answer.compression_ratio, int(parts.context_ids.shape[1]), int(question.shape[1]),
                               answer_cost(storage, measures.kv_bytes_dense, measures.kv_bytes_held_after_prefill,
                                           held_end, measures.kv_bytes_peak,
-                                          measures.prefill_seconds if index == 0 else 0.0, per_answer, "run"))
+                                          measures.prefill_seconds if index == 0 else 0.0, per_answer, "run",
+                                          "cache"))
             for index, (record, answer, question, held_end) in enumerate(zip(
                 group, answers, parts.question_ids, measures.kv_bytes_held_end, strict=True))]
 
@@ -257,6 +261,8 @@ def _rows(model: nn.Module, tokenizer, groups: list[list[dict]], instances: list
           truncation: str, device) -> Iterator[Row]:
     """Rows context by context; a context is prefilled (once, every waiting press attached) when its turn comes."""
     n_layers = len(compat.decoder_layers(model))
+    head_dim = compat.head_dim(compat.attention_modules(model)[0])
+    element_size = next(model.parameters()).element_size()
     for group in groups:
         waiting = [(instance, instance.run.missing(group, instance.sample_index, config)) for instance in instances]
         waiting = [(instance, questions) for instance, questions in waiting if questions]
@@ -270,6 +276,7 @@ def _rows(model: nn.Module, tokenizer, groups: list[list[dict]], instances: list
         del prefilled
         prefill_seconds = time.perf_counter() - start
         dense_bytes = context.kv_bytes()
+        no_evictions = torch.zeros((1, *context.keys[0].shape[:2]), dtype=torch.bool, device=device)
         settings = {k: generation_settings(config, max(r["max_new_tokens"] for r in group), k)
                     for k in range(config.num_samples)}
         for instance, questions in waiting:
@@ -278,19 +285,21 @@ def _rows(model: nn.Module, tokenizer, groups: list[list[dict]], instances: list
             ratio = press.achieved_compression_ratio
             decoding = press.compresses_while_decoding
             sampling = settings[instance.sample_index]
-            row_context, storage = context, "mask"
-            if config.kv_storage == "compact" and not decoding:
-                # this press's kept pairs, packed; its rows read them and nothing else
-                row_context, storage, masks = context.compacted(masks), "compact", [None] * n_layers
-            held = row_context.kv_bytes()
+            # The rows read the shared dense context through the press's masks (measured faster than a compact copy
+            # per press: README, "How memory is held"); what the press's compact cache holds is computed from the
+            # masks by the packing's own rule.
+            held = dense_bytes
+            if config.kv_storage == "compact":
+                held = sum(packed_kv_bytes(mask[None] if mask is not None else no_evictions, head_dim, element_size)
+                           for mask in masks)
             for number, question_index in enumerate(questions):
                 generator = None
                 if sampling.do_sample:
                     generator = torch.Generator(device=device).manual_seed(sampling.seed + question_index)
                 # the shared prefill served every press: each cell's first answer of the context carries its time
-                cost = answer_cost(storage, dense_bytes, held, 0, dense_bytes + (held if storage == "compact" else 0),
-                                   prefill_seconds if number == 0 else 0.0, 0.0, "sweep")
-                yield Row(row_context, parts.question_ids[question_index][0].tolist(),
+                cost = answer_cost(config.kv_storage, dense_bytes, held, 0, dense_bytes,
+                                   prefill_seconds if number == 0 else 0.0, 0.0, "sweep", "layout")
+                yield Row(context, parts.question_ids[question_index][0].tolist(),
                           list(masks), sampling.max_new_tokens, sampling if sampling.do_sample else None, generator,
                           press if decoding else None, press.snapshot() if decoding else None,
                           (instance, group, question_index, ratio, int(parts.context_ids.shape[1]), cost))

@@ -179,8 +179,10 @@ def memory_and_speed(predictions: list[dict]) -> dict:
     prefill_tokens = sum(p["context_length"] for p in costed if p["prefill_seconds"] > 0)
     decode_seconds = sum(p["decode_seconds"] for p in costed)
     storages = sorted({p["kv_storage"] for p in costed})
+    sources = sorted({p.get("kv_bytes_held_source", "cache") for p in costed})
     return {
         "kv_storage": storages[0] if len(storages) == 1 else "mixed",
+        "kv_bytes_held_source": sources[0] if len(sources) == 1 else "mixed",
         "kv_bytes_dense": mean("kv_bytes_dense"),
         "kv_bytes_held": {"after_prefill": mean("kv_bytes_held_after_prefill"), "end": mean("kv_bytes_held_end")},
         "peak_memory_bytes": max(p["kv_bytes_peak"] for p in costed),

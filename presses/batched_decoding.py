@@ -34,7 +34,6 @@ from transformers import AttentionInterface
 
 from presses import compat
 from presses.base_press import BasePress, presses_paused
-from presses.compact_cache import CompactLayer
 
 ATTENTION_NAME = "kvpress_rows"
 ROWS_KWARG = "kvpress_rows"
@@ -42,39 +41,20 @@ ROWS_KWARG = "kvpress_rows"
 
 @dataclass
 class SharedContext:
-    """A context's cache for its rows: per layer, the dense prefill's keys and values (kv_heads, n, head_dim),
-    stored once and read through each row's eviction masks; or, with ``compact`` set, one press's kept pairs only
-    (a packed :class:`CompactLayer` per layer, shared by the rows of that press), ``keys``/``values`` then empty.
-    """
+    """A context's dense prefill cache, stored once: per layer, keys and values (kv_heads, n, head_dim)."""
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
-    n_tokens: int = 0
-    compact: list[CompactLayer] | None = None
 
     _blocked: dict = field(default_factory=dict, repr=False)
 
     @property
     def length(self) -> int:
-        """Tokens of the context (positions of the rows' own tokens start here)."""
-        return self.n_tokens or self.keys[0].shape[1]
+        return self.keys[0].shape[1]
 
     def kv_bytes(self) -> int:
         """Bytes of keys and values this context holds."""
-        if self.compact is not None:
-            return sum(layer.kv_bytes() for layer in self.compact)
         return sum(2 * k.numel() * k.element_size() for k in self.keys)
-
-    def compacted(self, masks: list[torch.Tensor | None]) -> SharedContext:
-        """The pairs of this context that ``masks`` (per layer, (kv_heads, n) or None) keep, packed."""
-        layers = [CompactLayer.from_dense(k[None], v[None], torch.zeros(k.shape[:2], dtype=torch.bool,
-                                                                         device=k.device)[None]
-                                          if mask is None else mask[None])
-                  for k, v, mask in zip(self.keys, self.values, masks, strict=True)]
-        for layer in layers:
-            if not layer.packed:  # nothing evicted: pack anyway so every layer has the same shape of state
-                layer._pack_dense(torch.zeros_like(layer.keys[..., 0], dtype=torch.bool))
-        return SharedContext([], [], self.length, layers)
 
     def blocked(self, layer: int, masks: list[torch.Tensor | None]) -> torch.Tensor | None:
         """Its rows' eviction masks of a layer stacked (rows, kv_heads, n), or None if none evicts anything.
@@ -226,17 +206,6 @@ def shared_context_attention(module: nn.Module, query: torch.Tensor, key: torch.
     output = torch.empty(rows, kv_heads, groups, q_len, head_dim, dtype=torch.float32, device=device)
     for context, members in _by_context(slots.rows[forward.start:forward.stop]):
         part = slice(members[0], members[-1] + 1) if _contiguous(members) else torch.tensor(members, device=device)
-        if context.compact is not None:
-            # one press's kept pairs: its partial softmax, rescaled to the maximum over both parts
-            context_max, context_total, weighted = context.compact[layer].partial_attention(queries[part], scaling)
-            own = own_logits[part]
-            maximum = torch.maximum(context_max, own.amax(-1))
-            context_scale = torch.exp(context_max - maximum)
-            own_exp = torch.exp(own - maximum[..., None])
-            total = context_total * context_scale + own_exp.sum(-1)
-            own_weights[part] = own_exp / total[..., None]
-            output[part] = weighted * (context_scale / total)[..., None]
-            continue
         context_keys, context_values = context.keys[layer], context.values[layer]
         context_logits = torch.einsum("rkgqd,knd->rkgqn", queries[part], context_keys).float() * scaling
         blocked = context.blocked(layer, [slots.rows[forward.start + i].evicted[layer] for i in members])

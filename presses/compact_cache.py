@@ -216,8 +216,7 @@ class CompactLayer(DynamicLayer):
         order = torch.argsort(owner * (int(positions.max()) + 1 if positions.numel() else 1) + positions, stable=True)
         index, owner, positions = index[order], owner[order], positions[order]
         counts = torch.bincount(owner, minlength=bh)
-        uniform = bool((counts == counts[0]).all()) and int(counts[0]) > 0
-        page = int(counts[0]) if uniform else page_size(float(counts.float().mean()))
+        page, uniform = page_layout(counts)
         pages_per_owner = (counts + page - 1) // page
         first_page = torch.cumsum(pages_per_owner, 0) - pages_per_owner
         first_pair = torch.cumsum(counts, 0) - counts
@@ -307,35 +306,6 @@ class CompactLayer(DynamicLayer):
 
     # -- attention ------------------------------------------------------------------------------------------
 
-    def partial_attention(self, queries: torch.Tensor, scaling: float
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Unnormalised attention of several rows over this (batch 1, packed, no recent tokens) layer's pairs.
-
-        ``queries`` (rows, kv_heads, groups, q, head_dim). Returns the logit maximum and the sum of exp(logit -
-        maximum), each (rows, kv_heads, groups, q), and the weighted values (rows, kv_heads, groups, q, head_dim),
-        in float32, for the caller to combine with attention over other keys (the sweep engine's own tokens).
-        """
-        rows, heads, groups, q_len, dim = queries.shape
-        if self.uniform:
-            logits = torch.einsum("rkgqd,kcd->rkgqc", queries, self.page_keys).float() * scaling
-            maximum = logits.amax(-1).clamp(min=torch.finfo(torch.float32).min)  # a head without pairs: 0 weight
-            weights = torch.exp(logits - maximum[..., None])
-            output = torch.einsum("rkgqc,kcd->rkgqd", weights.to(self.page_values.dtype), self.page_values)
-            return maximum, weights.sum(-1), output.float()
-        owner = self.page_owner
-        logits = torch.einsum("rbgqd,bpd->rbgqp", queries[:, owner], self.page_keys).float() * scaling
-        logits.masked_fill_((self.page_positions == EMPTY)[None, :, None, None, :], float("-inf"))
-        page_max = logits.amax(-1)  # (rows, pages, groups, q)
-        index = owner[None, :, None, None].expand_as(page_max)
-        maximum = page_max.new_full((rows, heads, groups, q_len), float("-inf")).scatter_reduce(
-            1, index, page_max, "amax").clamp(min=torch.finfo(torch.float32).min)
-        weights = torch.exp(logits - maximum[:, owner][..., None])
-        total = page_max.new_zeros(rows, heads, groups, q_len).index_add_(1, owner, weights.sum(-1))
-        page_output = torch.einsum("rbgqp,bpd->rbgqd", weights.to(self.page_values.dtype), self.page_values)
-        output = queries.new_zeros(rows, heads, groups, q_len, dim, dtype=torch.float32).index_add_(
-            1, owner, page_output.float())
-        return maximum, total, output
-
     def attend(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
         """Attention of this forward's queries (batch, num_heads, q, head_dim) over everything the layer holds
         (this forward's tokens are already in the recent region). Returns (batch, q, num_heads, head_dim)."""
@@ -401,6 +371,22 @@ def compact_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
             function = ALL_ATTENTION_FUNCTIONS[original]
         return function(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     return layer.attend(query, scaling), None
+
+
+def page_layout(counts: torch.Tensor) -> tuple[int, bool]:
+    """Pairs per page and whether the layout is uniform (one full page per (row, head)), for per-(row, head) kept
+    counts: the one rule the packing follows."""
+    uniform = bool((counts == counts[0]).all()) and int(counts[0]) > 0
+    return (int(counts[0]) if uniform else page_size(float(counts.float().mean()))), uniform
+
+
+def packed_kv_bytes(evicted: torch.Tensor, head_dim: int, element_size: int) -> int:
+    """Bytes of keys and values a layer packed from the eviction mask ``evicted`` (batch, kv_heads, n) holds,
+    without packing it (the sweep engine reports what each press's compact cache holds this way)."""
+    counts = (~evicted).sum(-1).reshape(-1)
+    page, _ = page_layout(counts)
+    slots = int(((counts + page - 1) // page).sum()) * page
+    return 2 * slots * head_dim * element_size
 
 
 def page_size(mean_kept: float) -> int:

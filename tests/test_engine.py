@@ -48,8 +48,10 @@ def kvtiny():
     return load_model("kvtiny", "cpu", "float32", "sdpa")
 
 
-def answers(kvtiny, tmp_path: Path, factories: dict, config: EvalConfig, engine: str) -> dict:
-    """{cell: {sample_id: (prediction, compression_ratio, answer_compression_ratio)}} for one engine."""
+def answers(kvtiny, tmp_path: Path, factories: dict, config: EvalConfig, engine: str,
+            fields: tuple[str, ...] = ("prediction", "compression_ratio", "answer_compression_ratio")) -> dict:
+    """{cell: {sample_id: (prediction, compression_ratio, answer_compression_ratio)}} for one engine (or the
+    ``fields`` asked for)."""
     model, tokenizer = kvtiny
     records = load_records("ruler", config, tokenizer)
     runs = [PreparedRun(name, name, "ruler", factory(), tmp_path / engine / name,
@@ -66,8 +68,8 @@ def answers(kvtiny, tmp_path: Path, factories: dict, config: EvalConfig, engine:
         for run in runs:
             if run not in shared:  # as the runner does: one context at a time
                 execute_sequentially(model, tokenizer, records, run, config, progress)
-    return {run.label: {key: (p["prediction"], round(p["compression_ratio"], 6),
-                              round(p["answer_compression_ratio"], 6)) for key, p in run.done.items()}
+    return {run.label: {key: tuple(round(p[f], 6) if isinstance(p[f], float) else p[f] for f in fields)
+                        for key, p in run.done.items()}
             for run in runs}
 
 
@@ -121,6 +123,21 @@ def test_a_cell_with_nothing_left_to_answer_stays_out_of_the_prefill(kvtiny, tmp
     with tqdm(disable=True) as progress:
         execute(model, tokenizer, records, runs, BASE, progress)
     assert calls == [] and len(runs[1].done) == len(records) and runs[0].done == done
+
+
+def test_the_engine_reports_the_bytes_a_compact_cache_holds(kvtiny, tmp_path):
+    """The engine reads one dense context through masks; what it reports held is what the one-at-a-time path's
+    compact cache measured, byte for byte (same count per head, AdaKV budgets, KVzap thresholds, KVzip)."""
+    factories = {"knorm": lambda: KnormPress(0.5), "adakv": lambda: AdaKVPress(KnormPress(0.6)),
+                 "kvzap": lambda: build_press("kvzap_mlp", threshold=-4.0),
+                 "kvzip": lambda: build_press("kvzip", compression_ratio=0.5)}
+    fields = ("kv_bytes_dense", "kv_bytes_held_after_prefill", "kv_bytes_held_end")
+    batched = answers(kvtiny, tmp_path, factories, BASE, "batched", fields)
+    sequential = answers(kvtiny, tmp_path, factories, BASE, "sequential", fields)
+    assert batched == sequential
+    for cell in batched.values():
+        for dense, held, end in cell.values():
+            assert held < 0.6 * dense and end > held
 
 
 def test_presses_that_compress_while_decoding(kvtiny, tmp_path):

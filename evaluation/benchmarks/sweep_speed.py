@@ -4,8 +4,6 @@ The sweep: knorm, snapkv and streaming_llm at compression ratios 0.25/0.5/0.75/0
 (6 tasks x 2, 1,024 tokens, generated for the embedded model kvtiny and written to one local file), greedy. Timed:
 
 - **engine**: kvpress-eval's sweep engine (``--engine batched``);
-- **engine-mask**: the sweep engine with ``--kv_storage mask`` (one dense context per prefill, read by every row
-  through its press's eviction masks; the default packs each press's kept pairs into a compact copy);
 - **sequential**: kvpress-eval one context and one run at a time (``--engine sequential``);
 - **kvpress**: kvpress 0.5.5's ``kv-press-text-generation`` pipeline, one sample and one press at a time, as its
   evaluation CLI runs them, when a side environment has it (``--kvpress_python``).
@@ -144,16 +142,14 @@ def main(samples: int = 12, repeats: int = 2, threads: int = 1, kvpress_python: 
     best: dict[str, float] = {}
     predictions: dict[str, dict] = {}
     for repeat in range(repeats):
-        for side in ("engine", "engine-mask", "sequential", "kvpress"):
+        for side in ("engine", "sequential", "kvpress"):
             if side == "kvpress":
                 if kvpress_python is None:
                     continue
                 seconds, predicted = theirs(kvpress_python, samples_file, threads)
             else:
                 engine = "sequential" if side == "sequential" else "batched"
-                storage = "mask" if side == "engine-mask" else "compact"
-                seconds, predicted = ours(model, tokenizer, samples_file, work / f"{side}-{repeat}", engine,
-                                          kv_storage=storage)
+                seconds, predicted = ours(model, tokenizer, samples_file, work / f"{side}-{repeat}", engine)
             best[side] = min(best.get(side, float("inf")), seconds)
             predictions[side] = predicted
             print(f"repeat {repeat}: {side:<10} {seconds:7.2f} s", flush=True)
@@ -162,9 +158,6 @@ def main(samples: int = 12, repeats: int = 2, threads: int = 1, kvpress_python: 
           f"RULER 1k, greedy, {threads} torch thread(s); best of {repeats}, in-process")
     for side, seconds in best.items():
         print(f"  {side:<10} {seconds:7.2f} s")
-    same, total = identical(predictions["engine"], predictions["engine-mask"])
-    print(f"engine/engine-mask = {best['engine'] / best['engine-mask']:.3f} (compact copies per press against one "
-          f"dense context read through masks); identical predictions {same}/{total}")
     same, total = identical(predictions["engine"], predictions["sequential"])
     print(f"engine/sequential = {best['engine'] / best['sequential']:.3f}; identical predictions {same}/{total}")
     if "kvpress" in best:
