@@ -78,7 +78,7 @@ class TrainConfig:
     tokenizer_corpus_samples: int = 40
     # Phase 2, after ``stages``: (length, steps) stages with their own warmup and cosine schedule from
     # ``long_learning_rate`` (lower than phase 1's: it refines a trained model) down to ``min_learning_rate``.
-    long_stages: list = field(default_factory=lambda: [[1024, 300], [2048, 600], [4096, 1300]])
+    long_stages: list = field(default_factory=lambda: [[1024, 250], [2048, 450], [4096, 900]])
     long_learning_rate: float = 5e-4
     long_warmup_steps: int = 50
     # Multi-key retrieval was the weak task at 1,024 tokens (82 against a target of 90): weighted up in phase 2.
