@@ -43,3 +43,29 @@ def test_copy_examples_use_kvzips_repeat_prompt_and_train_on_the_repetition(tmp_
     assert REPEAT_INSTRUCTION in text
     target = tokenizer.decode([i for i, m in zip(ids, mask, strict=True) if m])
     assert target == "The grass is green. Here we go.<|im_end|>"
+
+
+def test_phase_two_starts_from_given_weights_replays_shorter_lengths_and_resumes(tmp_path):
+    first, second = tmp_path / "phase1", tmp_path / "phase2"
+    train(str(first), smoke=True)  # 5 phase-1 steps
+    # Shift the saved weights far from anything the seeded initialisation or 5 steps could give, so that staying
+    # near them proves they were loaded.
+    phase_one = AutoModelForCausalLM.from_pretrained(str(first))
+    with torch.no_grad():
+        phase_one.model.embed_tokens.weight.add_(0.5)
+    phase_one.save_pretrained(str(first))
+    train(str(second), smoke=True, init_from=str(first), long_stages=[[768, 1]], replay=1.0, eval_every=100)
+    log = [json.loads(line) for line in (second / "training_log.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in log] == [6]  # phase 1 skipped
+    assert AutoTokenizer.from_pretrained(str(second)).get_vocab() == AutoTokenizer.from_pretrained(
+        str(first)).get_vocab()
+    tuned = AutoModelForCausalLM.from_pretrained(str(second))
+    # One step (learning rate <= 1e-3) moved the given weights a little: they were loaded, then trained.
+    moved = (tuned.model.embed_tokens.weight - phase_one.model.embed_tokens.weight).abs().max()
+    assert 0 < moved < 0.1
+
+    # Resuming prefers the run's own checkpoint to init_from; replay=1 trains every step at the shorter length.
+    train(str(second), smoke=True, init_from=str(first), long_stages=[[768, 3]], replay=1.0, eval_every=100)
+    log = [json.loads(line) for line in (second / "training_log.jsonl").read_text().splitlines()]
+    assert [(entry["step"], entry["length"]) for entry in log] == [(6, 512), (7, 512), (8, 512)]
+    assert json.loads((second / "train_config.json").read_text())["init_from"] == str(first)
