@@ -440,7 +440,7 @@ def test_the_committed_baseline_page_has_every_section(tmp_path):
                 assert row[index] == "-" or interval_.match(row[index]), (table, row)
     matched = {row[0]: row for row in table_rows(page, "matched")}
     assert {"kvzap_mlp", "kvzap_linear", "knorm"} <= set(matched)
-    assert 'id="not-measured"' in page and 'id="task-heatmap"' in page
+    assert 'id="memory"' in page and 'id="not-measured"' not in page and 'id="task-heatmap"' in page
     reference = re.search(r"no_press</code> scores 59\.50 <small class=\"ci\">\[(.*?), (.*?)\]", page)
     low, high = map(float, reference.groups())
     assert low < 59.5 < high and high - low > 5  # 60 questions: several points either way
