@@ -12,7 +12,8 @@ it *packs* the kept pairs and frees the rest. After that it holds two regions:
   512, :func:`page_size`), so a head's bytes track its kept pairs within ``P - 1`` slots, about 1/16.
 - **recent**: tokens appended since the last packing (question, generated tokens), dense (batch, kv_heads, r,
   head_dim), all heads alike. Pairs a decoding press evicts there are masked until the region is folded into the
-  pages (when it has grown past :data:`FOLD_MIN` tokens and an eighth of the pages), so freeing costs O(1)
+  pages (when it has grown past :data:`FOLD_MIN` tokens and an eighth of a head's page slots); pairs it evicts from
+  the pages leave a hole, and the pages are repacked once holes are a quarter of their slots. Freeing costs O(1)
   amortised per evicted pair rather than a repack per step.
 
 Why pages and not padding to the layer's largest head: measured on kvtiny at 50% (RULER 1k), AdaKV-SnapKV keeps
@@ -26,8 +27,8 @@ mirrored from the press's logical mask (batch, kv_heads, tokens seen) by :meth:`
 Attention (:func:`compact_attention`): the dense prefill uses the model's own sdpa or eager kernel. Later forwards
 attend to the pages and the recent region at once: one batched matmul per region, a max and a sum per (row, head)
 combined across pages with ``scatter_reduce``/``index_add``, softmax in float32. The cost of a step is proportional
-to the pairs held, and nothing in it grows with the eviction history. flash-attention's varlen kernel is not used:
-forwards after the prefill take this path whatever the model's implementation (see README).
+to the pairs held, and nothing in it grows with the eviction history. flash-attention's varlen kernel over the pages
+is not built: under flash-attention a press masks instead (``BasePress.storage_for``; README).
 """
 
 from __future__ import annotations
@@ -172,8 +173,8 @@ class CompactLayer(DynamicLayer):
             self.recent_evicted[:, :, : recent.shape[-1]] |= recent
         # Freed slots are reclaimed by repacking once they are a quarter of the pages, and masked recent pairs once
         # the region is long: O(1) amortised per freed pair.
-        pages_per_head = self.page_positions.numel() // max(1, self.batch * self.heads)
-        long_recent = self.recent_len >= max(FOLD_MIN, pages_per_head // 8)
+        slots_per_head = self.page_positions.numel() // max(1, self.batch * self.heads)
+        long_recent = self.recent_len >= max(FOLD_MIN, slots_per_head // 8)
         if self.holes > self.page_positions.numel() // 4 or (
                 long_recent and bool(self.recent_evicted[:, :, : self.recent_len].any())):
             self._fold()
