@@ -34,7 +34,7 @@ from evaluation.datasets.registry import get_dataset
 from presses import BasePress, GenerationSettings, answer_questions, compat
 from presses.batched_decoding import BatchedDecoder, Row, SharedContext
 from presses.compact_cache import packed_kv_bytes
-from presses.generation import Measures, eos_token_ids
+from presses.generation import Measures, eos_token_ids, per_token_kv_bytes
 from presses.pipeline import PromptParts, encode_prompt
 
 logger = logging.getLogger("kvpress-eval")
@@ -205,9 +205,7 @@ def default_batch_size(model: nn.Module, context_length: int, answer_tokens: int
     if parameter.device.type != "cuda":
         return CPU_BATCH_SIZE
     config = compat.text_config(model)
-    head_dim = compat.head_dim(compat.attention_modules(model)[0])
-    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * parameter.element_size()
-    own = per_token * answer_tokens
+    own = per_token_kv_bytes(model) * answer_tokens
     logits = 3 * config.num_attention_heads * context_length * 4
     free, _ = torch.cuda.mem_get_info(parameter.device)
     return int(max(1, min(512, free // 2 // (own + logits))))
@@ -330,14 +328,6 @@ def _prefill(model: nn.Module, context_ids: torch.Tensor, group: list[dict], ins
         instance.press.shared_work = None
         instance.press.hooks_active = True
     return cache
-
-
-def per_token_kv_bytes(model: nn.Module) -> int:
-    """Bytes of keys and values one token adds over all layers."""
-    config = compat.text_config(model)
-    parameter = next(model.parameters())
-    head_dim = compat.head_dim(compat.attention_modules(model)[0])
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * parameter.element_size()
 
 
 def _context_mask(press: BasePress, layer: int) -> torch.Tensor | None:

@@ -124,21 +124,21 @@ def prefill(model: nn.Module, cache, context_ids: torch.Tensor, press: BasePress
 
 def kv_bytes(cache) -> int:
     """Bytes of keys and values a cache holds now (a compact layer counts what it holds, padding included)."""
-    total = 0
-    for layer in cache.layers:
-        if isinstance(layer, CompactLayer):
-            total += layer.kv_bytes()
-        elif getattr(layer, "keys", None) is not None:
-            total += 2 * layer.keys.numel() * layer.keys.element_size()
-    return total
+    return sum(layer.kv_bytes() if isinstance(layer, CompactLayer) else _dense_layer_bytes(layer)
+               for layer in cache.layers)
 
 
-def dense_kv_bytes(model: nn.Module, n_tokens: int, dtype: torch.dtype, batch: int = 1) -> int:
-    """Bytes a dense cache holds for ``n_tokens`` tokens in every layer (sliding layers counted at full length)."""
+def per_token_kv_bytes(model: nn.Module) -> int:
+    """Bytes of keys and values one token adds to a dense cache over all layers (sliding layers counted in full)."""
     config = compat.text_config(model)
     head_dim = compat.head_dim(compat.decoder_layers(model)[0].self_attn)
-    return 2 * batch * config.num_hidden_layers * config.num_key_value_heads * head_dim * n_tokens * (
-        torch.finfo(dtype).bits // 8)
+    element_size = next(model.parameters()).element_size()
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * element_size
+
+
+def _dense_layer_bytes(layer) -> int:
+    keys = getattr(layer, "keys", None)
+    return 0 if keys is None else 2 * keys.numel() * keys.element_size()
 
 
 @dataclass
@@ -150,9 +150,7 @@ class Measures:
     kv_bytes_held_after_prefill: int = 0
     kv_bytes_held_end: list[int] = field(default_factory=list)
     kv_bytes_peak: int = 0
-    prefill_tokens: int = 0
     prefill_seconds: float = 0.0
-    decode_tokens: int = 0
     decode_seconds: float = 0.0
 
 
@@ -185,37 +183,23 @@ def answer_questions(
         start = time.perf_counter()
         prefill(model, cache, context_ids, press, prefill_chunk_size)
         measures.prefill_seconds += time.perf_counter() - start
-        measures.prefill_tokens += int(context_ids.shape[1])
         context_ratio = press.achieved_compression_ratio
         context_length = cache.get_seq_length()
         _free_evicted(press, cache)
-        measures.kv_bytes_dense = dense_kv_bytes(model, context_length, next(model.parameters()).dtype)
+        measures.kv_bytes_dense = per_token_kv_bytes(model) * context_length
         measures.kv_bytes_held_after_prefill = kv_bytes(cache)
         compressed = press.snapshot()
-        # A press that evicts while decoding frees context pairs too: later questions need them back.
-        stored = [layer.state_copy() for layer in compact_layers(cache)] if (
-            press.compresses_while_decoding and len(question_ids) > 1) else None
-        # A press that writes cached values while decoding (CAM's merges) would hand one answer's writes to the next
-        # question: keep the post-prefill keys and values and put them back before every later question.
-        saved = None
-        if press.rewrites_cache and press.compresses_while_decoding and len(question_ids) > 1:
-            saved = {module.layer_idx: [t.clone() for t in compat.keys_values(cache, module.layer_idx)]
-                     for module in compat.attention_modules(model)}
+        # A press that evicts or writes while decoding changes the context's pairs: later questions need them back.
+        saved = _save_context(cache, press) if press.compresses_while_decoding and len(question_ids) > 1 else None
         for index, ids in enumerate(question_ids):
-            if stored is not None and index > 0:
-                for layer, state in zip(compact_layers(cache), stored, strict=True):
-                    layer.load_state(state)
             compat.crop_cache(cache, context_length)
             if saved is not None and index > 0:
-                for layer_idx, originals in saved.items():
-                    for cached, original in zip(compat.keys_values(cache, layer_idx), originals, strict=True):
-                        cached.copy_(original)
+                _restore_context(cache, saved)
             press.restore(compressed)
             generator = torch.Generator(device=ids.device).manual_seed(settings.seed + index)
             start = time.perf_counter()
             tokens = decode(model, cache, ids, settings, eos_ids, generator)
             measures.decode_seconds += time.perf_counter() - start
-            measures.decode_tokens += len(tokens)
             _free_evicted(press, cache)
             measures.kv_bytes_held_end.append(kv_bytes(cache))
             text = tokenizer.decode(tokens, skip_special_tokens=True) if tokenizer is not None else ""
@@ -232,12 +216,33 @@ def _free_evicted(press: BasePress, cache) -> None:
             layer.apply_evictions(press.evicted_mask(index))
 
 
+def _save_context(cache, press: BasePress) -> list:
+    """Per layer, what a later question needs back: a compact layer's whole state (a decoding press frees context
+    pairs), the keys and values of a dense one if the press writes them (CAM's merges), else None."""
+    saved = []
+    for layer in cache.layers:
+        if isinstance(layer, CompactLayer):
+            saved.append(layer.state_copy())
+        elif press.rewrites_cache and getattr(layer, "keys", None) is not None and not layer.is_sliding:
+            saved.append((layer.keys.clone(), layer.values.clone()))
+        else:
+            saved.append(None)
+    return saved
+
+
+def _restore_context(cache, saved: list) -> None:
+    """Put back what :func:`_save_context` kept (the cache already cut back to the context)."""
+    for layer, state in zip(cache.layers, saved, strict=True):
+        if isinstance(state, dict):
+            layer.load_state(state)
+        elif state is not None:
+            layer.keys.copy_(state[0])
+            layer.values.copy_(state[1])
+
+
 def _peak(cache) -> int:
     """The most bytes of keys and values the cache held at once (compact layers share a running total; dense
     layers only grow, so their final size is their peak)."""
     layers = compact_layers(cache)
     peak = layers[0].tracker.peak if layers else 0
-    for layer in cache.layers:
-        if not isinstance(layer, CompactLayer) and getattr(layer, "keys", None) is not None:
-            peak += 2 * layer.keys.numel() * layer.keys.element_size()
-    return peak
+    return peak + sum(_dense_layer_bytes(layer) for layer in cache.layers if not isinstance(layer, CompactLayer))

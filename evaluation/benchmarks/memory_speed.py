@@ -34,6 +34,7 @@ from evaluation.models import load_model
 from presses import build_press, compat
 from presses.base_press import LayerInputs
 from presses.compact_cache import CompactLayer
+from presses.generation import kv_bytes
 from presses.kvzap_press import KVzapConfig, KVzapModel
 
 QWEN3_8B = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
@@ -123,16 +124,6 @@ def step_seconds(model, cache, press, storage: str, masks, batch: int) -> float:
     return elapsed
 
 
-def kv_bytes_of(cache) -> int:
-    total = 0
-    for layer in cache.layers:
-        if isinstance(layer, CompactLayer):
-            total += layer.kv_bytes()
-        else:
-            total += 2 * layer.keys.numel() * layer.keys.element_size()
-    return total
-
-
 def measure_shape(model, surrogate, batch: int, n: int, repeats: int) -> list[dict]:
     config = compat.text_config(model)
     head_dim = compat.head_dim(compat.attention_modules(model)[0])
@@ -142,7 +133,7 @@ def measure_shape(model, surrogate, batch: int, n: int, repeats: int) -> list[di
     values = [torch.randn(shape, generator=generator) for _ in range(config.num_hidden_layers)]
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     dense = dense_cache(model, keys, values)
-    dense_bytes = kv_bytes_of(dense)
+    dense_bytes = kv_bytes(dense)
     no_press = build_press("no_press")
     nothing_evicted = [torch.zeros(k.shape[:3], dtype=torch.bool) for k in keys]
     dense_packed = compact_cache(model, keys, values, nothing_evicted)  # every pair, read by the compact kernel
@@ -155,7 +146,7 @@ def measure_shape(model, surrogate, batch: int, n: int, repeats: int) -> list[di
         masks = eviction_masks(model, press, keys, name)
         kept = 1 - sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks)
         compact = compact_cache(model, keys, values, masks)
-        held = kv_bytes_of(compact)
+        held = kv_bytes(compact)
         times = {"dense": [], "dense_kernel": [], "mask": [], "compact": []}
         for _ in range(repeats + 1):  # the first round warms up, and is dropped
             times["dense"].append(step_seconds(model, dense, no_press, "mask", [], batch))
