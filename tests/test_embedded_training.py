@@ -7,7 +7,16 @@ import json
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from evaluation.embedded.train import COPY_TASK, REPEAT_INSTRUCTION, encode_example, train
+from evaluation.embedded.train import (
+    COPY_TASK,
+    REPEAT_INSTRUCTION,
+    SMOKE,
+    TrainConfig,
+    batch_loss,
+    build_model,
+    encode_example,
+    train,
+)
 
 
 def test_smoke_training_saves_a_loadable_model_and_resumes(tmp_path):
@@ -69,3 +78,31 @@ def test_phase_two_starts_from_given_weights_replays_shorter_lengths_and_resumes
     log = [json.loads(line) for line in (second / "training_log.jsonl").read_text().splitlines()]
     assert [(entry["step"], entry["length"]) for entry in log] == [(6, 512), (7, 512), (8, 512)]
     assert json.loads((second / "train_config.json").read_text())["init_from"] == str(first)
+
+
+def test_per_example_loss_gives_a_short_answer_the_weight_of_a_long_one():
+    """Two examples: one with 1 answer token, one with 8. The token mean weighs the short one 1/9; the per-example
+    mean weighs it 1/2. Checked against losses computed one example at a time."""
+    torch.manual_seed(0)
+    model = build_model(TrainConfig(**SMOKE), _tiny_tokenizer())
+    ids = torch.randint(3, 300, (2, 12))
+    answer_mask = torch.zeros(2, 12)
+    answer_mask[0, 11] = 1  # one answer token
+    answer_mask[1, 4:] = 1  # eight
+    batch = {"input_ids": ids, "answer_mask": answer_mask, "attention_mask": torch.ones_like(ids)}
+    alone = [batch_loss(model, {k: v[i:i + 1] for k, v in batch.items()})[0] for i in range(2)]
+    token_mean, _ = batch_loss(model, batch)
+    per_example, _ = batch_loss(model, batch, per_example=True)
+    torch.testing.assert_close(per_example, (alone[0] + alone[1]) / 2)
+    torch.testing.assert_close(token_mean, (alone[0] + 8 * alone[1]) / 9)
+    assert not torch.allclose(per_example, token_mean)
+
+
+def _tiny_tokenizer():
+    class Tokenizer:
+        def __len__(self) -> int:
+            return 400
+
+        eos_token_id, pad_token_id = 2, 0
+
+    return Tokenizer()

@@ -92,6 +92,10 @@ class TrainConfig:
     # so that training at 4,096 tokens does not trade away the 1,024-token behaviour.
     replay: float = 0.3
     replay_lengths: list = field(default_factory=lambda: [1024, 2048])
+    # Average the loss per example, then over the batch, instead of over all answer tokens of the batch. A copy
+    # answer has as many tokens as its context (hundreds to thousands) and a retrieval answer about ten, so a
+    # token mean gives a batch's needles almost no weight beside one copy. False reproduces the shipped kvtiny.
+    loss_per_example: bool = False
 
 
 SMOKE = dict(vocab_size=400, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1,
@@ -257,17 +261,25 @@ def make_batch(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict
     return {"input_ids": input_ids, "answer_mask": answer_mask, "attention_mask": attention_mask}
 
 
-def batch_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
+def batch_loss(model, batch: dict[str, torch.Tensor], per_example: bool = False) -> tuple[torch.Tensor, float]:
     """Mean cross-entropy on the answer tokens, and the argmax accuracy there.
 
     Only answer positions go through the output layer: on long prompts with short answers that is most of the
-    compute saved. The copy task's answer is its whole context, which gives a dense signal.
+    compute saved. The copy task's answer is its whole context, which gives a dense signal. ``per_example``: the
+    mean of each example's mean, so that a long copy answer does not outweigh the batch's short answers.
     """
     hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     predicts_answer = batch["answer_mask"][:, 1:].bool()
     logits = model.lm_head(hidden[:, :-1][predicts_answer]).float()
     targets = batch["input_ids"][:, 1:][predicts_answer]
-    loss = torch.nn.functional.cross_entropy(logits, targets)
+    if per_example:
+        token_losses = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+        rows = predicts_answer.nonzero()[:, 0]  # the example of each answer token, in the same (row-major) order
+        per_row = torch.zeros(predicts_answer.shape[0]).index_add_(0, rows, token_losses)
+        answers_per_row = predicts_answer.sum(1)
+        loss = (per_row[answers_per_row > 0] / answers_per_row[answers_per_row > 0]).mean()
+    else:
+        loss = torch.nn.functional.cross_entropy(logits, targets)
     accuracy = float((logits.argmax(-1) == targets).float().mean())
     return loss, accuracy
 
@@ -424,7 +436,7 @@ def train(output_dir: str, smoke: bool = False, max_minutes: float | None = None
         batch = make_batch(examples, tokenizer.pad_token_id)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, step, total_steps)
-        loss, accuracy = batch_loss(model, batch)
+        loss, accuracy = batch_loss(model, batch, per_example=config.loss_per_example)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
