@@ -329,8 +329,10 @@ class BasePress:
                 raise PressError("compact KV storage starts from an empty cache: pass a new DynamicCache, "
                                  "or use kv_storage='mask'")
             layer = compat.replace_cache_layer(cache, module.layer_idx, new_layer_for(cache))
+            layer.padding = compat.padding_keys(kwargs.get("attention_mask"))
         elif past == 0:
             layer.reset()
+            layer.padding = compat.padding_keys(kwargs.get("attention_mask"))
         else:
             state = self.layer_state(module.layer_idx)
             if "evicted" in state and state["evicted"].shape[-1] > past:  # cropped between questions

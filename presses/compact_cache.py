@@ -72,6 +72,9 @@ class CompactLayer(DynamicLayer):
         super().__init__()
         self.packed = False
         self.applied: torch.Tensor | None = None  # the eviction mask last mirrored (batch, kv_heads, tokens seen)
+        # (batch, prefill tokens) True at the prefill's padding keys (a left-padded batch), which no query may see:
+        # they are freed with the first eviction, since the compact kernel has no attention mask to hide them with.
+        self.padding: torch.Tensor | None = None
         self.tracker = tracker or ByteTracker()
         self.accounted = 0  # this layer's bytes as last told to the tracker
 
@@ -128,6 +131,7 @@ class CompactLayer(DynamicLayer):
         super().reset()
         self.packed = False
         self.applied = None
+        self.padding = None
         self._note_peak()
 
     def batch_repeat_interleave(self, repeats: int) -> None:
@@ -147,15 +151,16 @@ class CompactLayer(DynamicLayer):
         if evicted is None or evicted is self.applied:
             return
         if not self.packed:
-            if bool(evicted.any()):
-                self._pack_dense(evicted)
+            freed = self._with_padding(evicted)
+            if bool(freed.any()):
+                self._pack_dense(freed)
             self.applied = evicted
             return
         n = evicted.shape[-1]
         applied = self.applied
         if applied is None or applied.shape[-1] < n:
             applied = _pad_false(applied, evicted.shape, n)
-        newly = evicted & ~applied[..., :n]
+        newly = self._with_padding(evicted) & ~self._with_padding(applied[..., :n])
         self.applied = evicted
         if not bool(newly.any()):
             return
@@ -178,6 +183,15 @@ class CompactLayer(DynamicLayer):
         if self.holes > self.page_positions.numel() // 4 or (
                 long_recent and bool(self.recent_evicted[:, :, : self.recent_len].any())):
             self._fold()
+
+    def _with_padding(self, evicted: torch.Tensor) -> torch.Tensor:
+        """``evicted`` (batch, kv_heads, n) with the prefill's padding keys marked too."""
+        if self.padding is None:
+            return evicted
+        width = min(self.padding.shape[-1], evicted.shape[-1])
+        marked = evicted.clone()
+        marked[..., :width] |= self.padding[:, None, :width]
+        return marked
 
     def _pack_dense(self, evicted: torch.Tensor) -> None:
         batch, heads, n, dim = self.keys.shape

@@ -180,6 +180,19 @@ def output_projection_per_head(module: nn.Module) -> torch.Tensor:
     return weight.T.reshape(module.config.num_attention_heads, head_dim(module), -1)
 
 
+def padding_keys(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """(batch, k_len) True at keys no query of the forward may see (padding), from a prefill's 4D attention mask
+    (sdpa: boolean, True = attend; eager: additive float), or None when the mask is None (no padding).
+
+    A prefill's last query sees every key that is not padding, so its row of the mask says which keys are.
+    """
+    if attention_mask is None or attention_mask.dim() != 4:
+        return None
+    last = attention_mask[:, 0, -1, :]
+    blocked = ~last if last.dtype == torch.bool else last <= torch.finfo(last.dtype).min / 2
+    return blocked if bool(blocked.any()) else None
+
+
 def mask_evicted_pairs(
     module: nn.Module,
     attention_mask: torch.Tensor | None,

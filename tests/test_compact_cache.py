@@ -208,3 +208,32 @@ def test_compact_cache_works_under_model_generate(kvtiny, needles):
     with pytest.raises(PressError, match="kv_storage must be"):
         with build_press("knorm", compression_ratio=0.5)(model, kv_storage="paged"):
             pass
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("name, knob", [
+    ("knorm", {"compression_ratio": 0.5}), ("snapkv", {"compression_ratio": 0.5}),
+    ("adakv_snapkv", {"compression_ratio": 0.5}), ("kvzap_mlp", {"threshold": -4.0}), ("decoding_knorm", {})])
+def test_a_left_padded_batch_answers_the_same_with_compact_and_masked_storage(kvtiny, needles, name, knob, attention):
+    """The compact kernel has no attention mask: the prefill's padding keys must be freed, not attended."""
+    model, tokenizer = kvtiny
+    if attention == "eager":
+        model, tokenizer = load_model("kvtiny", "cpu", attn_implementation="eager")
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": record["context"][:length] + record[
+        "question"]}], add_generation_prompt=True, tokenize=False) + record["answer_prefix"]
+               for record, length in zip(needles, (None, 700), strict=True)]
+    tokenizer.padding_side = "left"
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    assert batch["attention_mask"].sum(1).tolist()[1] < batch["input_ids"].shape[1] - 100  # really padded
+    outputs = {}
+    for storage in ("mask", "compact"):
+        cache = DynamicCache(config=model.config)
+        with build_press(name, **knob)(model, tokenizer, kv_storage=storage):
+            outputs[storage] = model.generate(**batch, max_new_tokens=10, do_sample=False,
+                                              pad_token_id=tokenizer.pad_token_id,
+                                              **{compat.model_cache_kwarg(): cache})
+        if storage == "compact":
+            padding = int((batch["attention_mask"] == 0).sum())
+            freed = [layer.padding for layer in cache.layers]
+            assert all(int(p.sum()) == padding for p in freed)  # every layer knows the padding it freed
+    assert torch.equal(outputs["mask"], outputs["compact"])
