@@ -325,6 +325,7 @@ class BasePress:
         layer = compat.cache_layer(cache, module.layer_idx)
         past = layer.get_seq_length()
         if not isinstance(layer, CompactLayer):
+            compat.check_pressable_layer(layer, module.layer_idx)
             if past:
                 raise PressError("compact KV storage starts from an empty cache: pass a new DynamicCache, "
                                  "or use kv_storage='mask'")

@@ -15,6 +15,7 @@ import torch
 import transformers
 from packaging.version import Version
 from torch import nn
+from transformers.cache_utils import DynamicLayer
 
 from presses.errors import PressError
 
@@ -117,11 +118,22 @@ def keys_values(cache, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
     layer = cache.layers[layer_idx]
     if hasattr(layer, "logical_keys_values"):
         return layer.logical_keys_values()
+    check_pressable_layer(layer, layer_idx)
+    if layer.keys is None:
+        raise PressError(f"layer {layer_idx} of the cache holds nothing yet: a press reads it after its forward")
+    return layer.keys, layer.values
+
+
+def check_pressable_layer(layer, layer_idx: int) -> None:
+    """A one-line error unless ``layer`` is a plain ``DynamicLayer``, the only layer a press can compress.
+
+    Sliding-window layers drop tokens of their own; quantized layers (quanto, HQQ, FP8) hold their pairs in a form a
+    press cannot read or free; static layers are preallocated to a fixed length.
+    """
     if getattr(layer, "is_sliding", False):
         raise PressError(f"layer {layer_idx} uses a sliding-window cache, which presses cannot compress")
-    if not hasattr(layer, "keys") or layer.keys is None or getattr(layer, "_quantized_keys", None) is not None:
+    if type(layer) is not DynamicLayer:
         raise PressError(f"cache layer type {type(layer).__name__} is not supported: use a DynamicCache")
-    return layer.keys, layer.values
 
 
 def cache_length(cache, layer_idx: int = 0) -> int:

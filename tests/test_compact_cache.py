@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, QuantizedCache, StaticCache
 
 from evaluation.datasets.ruler_synthetic import generate_task
 from evaluation.models import load_model
@@ -237,3 +237,19 @@ def test_a_left_padded_batch_answers_the_same_with_compact_and_masked_storage(kv
             freed = [layer.padding for layer in cache.layers]
             assert all(int(p.sum()) == padding for p in freed)  # every layer knows the padding it freed
     assert torch.equal(outputs["mask"], outputs["compact"])
+
+
+@pytest.mark.parametrize("storage", ["mask", "compact"])
+@pytest.mark.parametrize("make_cache", [
+    lambda config: StaticCache(config=config, max_cache_len=1024),
+    lambda config: QuantizedCache(backend="fp8", config=config)], ids=["static", "fp8"])
+def test_a_cache_a_press_cannot_compress_is_refused_in_one_line_in_both_storages(kvtiny, needles, storage,
+                                                                                 make_cache):
+    """Compact storage used to swap such layers for its own, silently dropping the FP8 quantization asked for."""
+    model, tokenizer = kvtiny
+    ids = encode_prompt(tokenizer, needles[0]["context"], [needles[0]["question"]], needles[0]["answer_prefix"])
+    cache = make_cache(model.config)
+    with pytest.raises(PressError, match=r"^cache layer type \w+ is not supported: use a DynamicCache$"):
+        with build_press("knorm", compression_ratio=0.5)(model, tokenizer, kv_storage=storage):
+            model.generate(ids.context_ids, max_new_tokens=2, do_sample=False, **{compat.model_cache_kwarg(): cache})
+    assert not any(isinstance(layer, CompactLayer) for layer in cache.layers)
