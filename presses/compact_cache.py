@@ -112,8 +112,10 @@ class CompactLayer(DynamicLayer):
             super().crop(tokens_to_remove)
             self._note_peak()
             return
-        if tokens_to_remove >= 0:
+        if tokens_to_remove > 0:
             raise ValueError("CompactLayer.crop takes the number of tokens to remove, as a negative integer")
+        if tokens_to_remove == 0:  # assisted generation crops the rejected candidates, which may be none
+            return
         length = self.get_seq_length() + tokens_to_remove
         if length >= self.recent_start:
             self.recent_len = length - self.recent_start

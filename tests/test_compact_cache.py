@@ -253,3 +253,20 @@ def test_a_cache_a_press_cannot_compress_is_refused_in_one_line_in_both_storages
         with build_press("knorm", compression_ratio=0.5)(model, tokenizer, kv_storage=storage):
             model.generate(ids.context_ids, max_new_tokens=2, do_sample=False, **{compat.model_cache_kwarg(): cache})
     assert not any(isinstance(layer, CompactLayer) for layer in cache.layers)
+
+
+@pytest.mark.parametrize("generation", [
+    {"do_sample": False, "prompt_lookup_num_tokens": 3},  # assisted generation: crops rejected candidates, often 0
+    {"do_sample": True, "num_return_sequences": 3}], ids=["prompt_lookup", "sampling"])
+@pytest.mark.parametrize("name", ["knorm", "adakv_snapkv"])
+def test_assisted_and_sampled_generation_are_storage_independent(kvtiny, needles, name, generation):
+    model, tokenizer = kvtiny
+    ids = encode_prompt(tokenizer, needles[0]["context"], [needles[0]["question"]], needles[0]["answer_prefix"])
+    prompt = torch.cat([ids.context_ids, ids.question_ids[0]], dim=1)
+    outputs = {}
+    for storage in ("mask", "compact"):
+        torch.manual_seed(0)
+        with build_press(name, compression_ratio=0.5)(model, tokenizer, kv_storage=storage):
+            outputs[storage] = model.generate(prompt, max_new_tokens=16, **generation,
+                                              **{compat.model_cache_kwarg(): DynamicCache(config=model.config)})
+    assert torch.equal(outputs["mask"], outputs["compact"])
