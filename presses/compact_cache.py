@@ -323,9 +323,12 @@ class CompactLayer(DynamicLayer):
 
     # -- attention ------------------------------------------------------------------------------------------
 
-    def attend(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
+    def attend(self, query: torch.Tensor, scaling: float, with_weights: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Attention of this forward's queries (batch, num_heads, q, head_dim) over everything the layer holds
-        (this forward's tokens are already in the recent region). Returns (batch, q, num_heads, head_dim)."""
+        (this forward's tokens are already in the recent region). Returns the output (batch, q, num_heads, head_dim)
+        and, if ``with_weights``, the attention weights over every position seen (batch, num_heads, q, tokens seen),
+        zero at freed pairs, as eager attention over a masked cache gives them (``output_attentions``)."""
         batch, num_heads, q_len, dim = query.shape
         heads = self.heads
         groups = num_heads // heads
@@ -372,7 +375,17 @@ class CompactLayer(DynamicLayer):
             output.index_add_(0, self.page_owner, page_output)
         output /= total[..., None]
         output = output.view(batch, heads, groups, q_len, dim).reshape(batch, num_heads, q_len, dim)
-        return output.transpose(1, 2).to(query.dtype).contiguous()
+        weights = None
+        if with_weights:
+            n = self.get_seq_length()
+            weights = recent_weights.new_zeros(bh, gq, n)
+            weights[:, :, self.recent_start:] = recent_weights
+            held = self.page_positions != EMPTY
+            owner = self.page_owner[:, None].expand_as(self.page_positions)
+            weights[owner[held], :, self.page_positions[held].long()] = page_weights.transpose(1, 2)[held]
+            weights /= total[..., None]
+            weights = weights.view(batch, heads, groups, q_len, n).reshape(batch, num_heads, q_len, n).to(query.dtype)
+        return output.transpose(1, 2).to(query.dtype).contiguous(), weights
 
 
 def compact_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -387,7 +400,8 @@ def compact_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         else:
             function = ALL_ATTENTION_FUNCTIONS[original]
         return function(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    return layer.attend(query, scaling), None
+    # eager attention returns its weights (the model keeps them for output_attentions); sdpa returns none
+    return layer.attend(query, scaling, with_weights=COMPACT_ATTENTION[module.config._attn_implementation] == "eager")
 
 
 def page_layout(counts: torch.Tensor) -> tuple[int, bool]:

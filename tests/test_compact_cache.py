@@ -130,7 +130,7 @@ def test_a_decoding_press_frees_pairs_and_every_question_sees_the_same_context(k
 
 
 def reference_attention(query, keys, values, evicted, scaling):
-    """Dense attention of the last q positions with evicted pairs masked (float64)."""
+    """Dense attention of the last q positions with evicted pairs masked (float64): (output, weights)."""
     batch, heads, n, dim = keys.shape
     groups = query.shape[1] // heads
     q_len = query.shape[2]
@@ -140,7 +140,16 @@ def reference_attention(query, keys, values, evicted, scaling):
     blocked = evicted.repeat_interleave(groups, 1)[:, :, None, :].expand(-1, -1, q_len, -1).clone()
     blocked |= torch.arange(n)[None, :] > (n - q_len + torch.arange(q_len))[:, None]
     logits = logits.masked_fill(blocked, float("-inf"))
-    return (logits.softmax(-1) @ v).transpose(1, 2).float()
+    weights = logits.softmax(-1)
+    return (weights @ v).transpose(1, 2).float(), weights.float()
+
+
+def assert_attends_as(layer, query, expected) -> None:
+    """The compact kernel's output, and its weights over every position (zero where freed), equal the reference."""
+    output, weights = layer.attend(query, 0.25, with_weights=True)
+    torch.testing.assert_close(output, expected[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(weights, expected[1], atol=1e-6, rtol=1e-4)
+    assert layer.attend(query, 0.25)[1] is None
 
 
 @pytest.mark.parametrize("head_wise", [False, True])
@@ -163,14 +172,14 @@ def test_compact_attention_equals_masked_dense_attention(head_wise):
         query = torch.randn(batch, heads * groups, stop - start, dim)
         expected = reference_attention(query, keys[:, :, :stop], values[:, :, :stop], evicted[..., :stop] & (
             torch.arange(stop) < 200), 0.25)
-        torch.testing.assert_close(layer.attend(query, 0.25), expected, atol=1e-5, rtol=1e-4)
+        assert_attends_as(layer, query, expected)
     # a decoding press evicts question and old context pairs: freed, then folded into pages
     later = evicted.clone()
     later[..., 200:290] |= scores[..., 200:290] < 0.5
     layer.apply_evictions(later)
     query = torch.randn(batch, heads * groups, 1, dim)
     expected = reference_attention(query, keys, values, later, 0.25)
-    torch.testing.assert_close(layer.attend(query, 0.25), expected, atol=1e-5, rtol=1e-4)
+    assert_attends_as(layer, query, expected)
     # many context pairs and more recent ones at once: the pages are repacked, and the recent evictions survive it
     latest = later.clone()
     latest[..., :150] |= scores[..., :150] < 0.9
@@ -178,7 +187,7 @@ def test_compact_attention_equals_masked_dense_attention(head_wise):
     layer.apply_evictions(latest)
     assert layer.recent_start == 300 and layer.recent_len == 0  # folded
     expected = reference_attention(query, keys, values, latest, 0.25)
-    torch.testing.assert_close(layer.attend(query, 0.25), expected, atol=1e-5, rtol=1e-4)
+    assert_attends_as(layer, query, expected)
     logical_keys, _ = layer.logical_keys_values()
     kept = ~latest
     torch.testing.assert_close(logical_keys[kept], keys[kept])
@@ -270,3 +279,22 @@ def test_assisted_and_sampled_generation_are_storage_independent(kvtiny, needles
             outputs[storage] = model.generate(prompt, max_new_tokens=16, **generation,
                                               **{compat.model_cache_kwarg(): DynamicCache(config=model.config)})
     assert torch.equal(outputs["mask"], outputs["compact"])
+
+
+def test_eager_attention_weights_are_storage_independent(needles):
+    """output_attentions under eager attention: the compact kernel returns weights over every position seen, zero
+    at freed pairs, as masked eager attention does (it used to return none, and generate failed)."""
+    model, tokenizer = load_model("kvtiny", "cpu", attn_implementation="eager")
+    ids = encode_prompt(tokenizer, needles[0]["context"], [needles[0]["question"]], needles[0]["answer_prefix"])
+    prompt = torch.cat([ids.context_ids, ids.question_ids[0]], dim=1)
+    attentions = {}
+    for storage in ("mask", "compact"):
+        with build_press("adakv_snapkv", compression_ratio=0.5)(model, tokenizer, kv_storage=storage):
+            out = model.generate(prompt, max_new_tokens=4, do_sample=False, output_attentions=True,
+                                 return_dict_in_generate=True,
+                                 **{compat.model_cache_kwarg(): DynamicCache(config=model.config)})
+        attentions[storage] = out.attentions
+    for step_mask, step_compact in zip(attentions["mask"], attentions["compact"], strict=True):
+        for layer_mask, layer_compact in zip(step_mask, step_compact, strict=True):
+            torch.testing.assert_close(layer_compact, layer_mask, atol=1e-6, rtol=1e-4)
+    assert (attentions["compact"][-1][0] == 0).float().mean() > 0.4  # half the context's pairs are freed
