@@ -27,6 +27,7 @@ that forward (the same as kvpress), so one prefill could serve every press.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -38,7 +39,7 @@ import torch
 from torch import nn
 
 from presses import compat
-from presses.compact_cache import COMPACT_ATTENTION, STORAGE_KWARG, CompactLayer, new_layer_for
+from presses.compact_cache import COMPACT_ATTENTION, CompactLayer, compact_layers, new_layer_for
 from presses.errors import PressError
 
 KV_STORAGES = ("compact", "mask")
@@ -255,6 +256,11 @@ class BasePress:
         finally:
             if self.__dict__["_compact"]:
                 compat.set_attn_implementation(model, original)
+                if original == "eager":  # only sdpa reads a packed layer outside the press
+                    for cache in self.__dict__.pop("_compact_caches", ()):
+                        for layer in compact_layers(cache):
+                            layer.needs_press = layer.packed
+                self.__dict__.pop("_compact_caches", None)
             for handle in handles:
                 handle.remove()
             self.__dict__["_compact"] = False
@@ -339,8 +345,9 @@ class BasePress:
             if "evicted" in state and state["evicted"].shape[-1] > past:  # cropped between questions
                 self._truncate_positions(past)
             layer.apply_evictions(state.get("evicted"))
-        kwargs[STORAGE_KWARG] = layer
-        return args, kwargs
+        layer.needs_press = False
+        self.__dict__.setdefault("_compact_caches", weakref.WeakSet()).add(cache)
+        return None
 
     def _after_attention(self, module: nn.Module, args: tuple, kwargs: dict, output):
         if not self.hooks_active:

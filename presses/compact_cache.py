@@ -28,7 +28,14 @@ Attention (:func:`compact_attention`): the dense prefill uses the model's own sd
 attend to the pages and the recent region at once: one batched matmul per region, a max and a sum per (row, head)
 combined across pages with ``scatter_reduce``/``index_add``, softmax in float32. The cost of a step is proportional
 to the pairs held, and nothing in it grows with the eviction history. flash-attention's varlen kernel over the pages
-is not built: under flash-attention a press masks instead (``BasePress.storage_for``; README).
+is not built: under flash-attention a press masks instead (``BasePress.storage_for``; README). A packed layer tags
+the keys its ``update`` returns with itself, which is how the attention finds it; transformers' sdpa is registered
+through :func:`sdpa_reading_compact_layers`, so a cache compressed inside ``with press(model)`` stays compressed, and
+readable, after the block (kvpress's pattern: prefill under the press, answer with the cache). Eager attention
+cannot be rerouted that way: there, answering after the block is refused in one line.
+
+A left-padded batch: the compact kernel has no attention mask, so the prefill's padding keys are freed with the
+first eviction (the layer reads them off the prefill's mask, ``padding``).
 """
 
 from __future__ import annotations
@@ -42,12 +49,15 @@ from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from presses.errors import PressError
+
 # Pairs per page for head-wise layouts: a power of two near a sixteenth of the mean kept pairs per head, so padding
 # stays under ~1/16 of what is held, within these bounds (small pages are slow: many tiny matmuls).
 MIN_PAGE_SIZE, MAX_PAGE_SIZE = 16, 512
 FOLD_MIN = 256  # recent tokens before evicted ones there are freed by folding the region into the pages
 EMPTY = torch.iinfo(torch.int32).max  # page slot without a pair (padding or freed)
-STORAGE_KWARG = "kvpress_compact"
+# A packed layer tags the keys its update() returns with itself, so the attention finds the layer it must read.
+LAYER_TAG = "kvpress_compact_layer"
 # attention name while a compact cache is in use -> the model's own implementation, used for the dense prefill
 COMPACT_ATTENTION = {"kvpress_compact_sdpa": "sdpa", "kvpress_compact_eager": "eager"}
 
@@ -75,6 +85,9 @@ class CompactLayer(DynamicLayer):
         # (batch, prefill tokens) True at the prefill's padding keys (a left-padded batch), which no query may see:
         # they are freed with the first eviction, since the compact kernel has no attention mask to hide them with.
         self.padding: torch.Tensor | None = None
+        # Set when the press that packed this layer exits under eager attention: outside the press, eager attention
+        # cannot read a packed layer (sdpa can: see ``sdpa_reading_compact_layers``).
+        self.needs_press = False
         self.tracker = tracker or ByteTracker()
         self.accounted = 0  # this layer's bytes as last told to the tracker
 
@@ -85,6 +98,9 @@ class CompactLayer(DynamicLayer):
             keys, values = super().update(key_states, value_states, *args, **kwargs)
             self._note_peak()
             return keys, values
+        if self.needs_press:
+            raise PressError("this cache was compressed with compact storage under eager attention, which can read "
+                             "it only inside `with press(model)`: decode there, use sdpa, or kv_storage='mask'")
         batch, heads, q_len, dim = key_states.shape
         end = self.recent_len + q_len
         if end > self.recent_keys.shape[2]:
@@ -97,7 +113,8 @@ class CompactLayer(DynamicLayer):
         self.recent_evicted[:, :, self.recent_len:end] = False
         self.recent_len = end
         self._note_peak()
-        return key_states, value_states  # attention reads the layer itself (compact_attention)
+        setattr(key_states, LAYER_TAG, self)  # the attention reads the layer itself (compact_attention)
+        return key_states, value_states
 
     def get_seq_length(self) -> int:
         if not self.packed:
@@ -390,9 +407,9 @@ class CompactLayer(DynamicLayer):
 
 def compact_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask, scaling: float, dropout: float = 0.0, **kwargs):
-    """Attention while a compact cache is in use: the model's own kernel until the layer is packed, then
+    """Attention while a press with compact storage is on: the model's own kernel until the layer is packed, then
     :meth:`CompactLayer.attend`."""
-    layer: CompactLayer | None = kwargs.pop(STORAGE_KWARG, None)
+    layer: CompactLayer | None = getattr(key, LAYER_TAG, None)
     if layer is None or not layer.packed:
         original = COMPACT_ATTENTION[module.config._attn_implementation]
         if original == "eager":  # each modeling file defines its own
@@ -439,9 +456,26 @@ def _pad_false(mask: torch.Tensor | None, shape: torch.Size, n: int) -> torch.Te
     return padded
 
 
+_SDPA = ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+
+def sdpa_reading_compact_layers(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                attention_mask, dropout: float = 0.0, scaling: float | None = None, **kwargs):
+    """transformers' sdpa, except over a packed compact layer, which it reads with :meth:`CompactLayer.attend`.
+
+    Registered in place of sdpa, so that a cache compressed inside ``with press(model)`` keeps working after the
+    block, as kvpress's physically compressed caches do (prefill under the press, then answer with the cache).
+    """
+    layer = getattr(key, LAYER_TAG, None)
+    if layer is None or not layer.packed:
+        return _SDPA(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    return layer.attend(query, query.shape[-1] ** -0.5 if scaling is None else scaling)
+
+
 for _name, _original in COMPACT_ATTENTION.items():
     AttentionInterface.register(_name, compact_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(_name, sdpa_mask if _original == "sdpa" else eager_mask)
+AttentionInterface.register("sdpa", sdpa_reading_compact_layers)
 
 
 def new_layer_for(cache) -> CompactLayer:

@@ -298,3 +298,41 @@ def test_eager_attention_weights_are_storage_independent(needles):
         for layer_mask, layer_compact in zip(step_mask, step_compact, strict=True):
             torch.testing.assert_close(layer_compact, layer_mask, atol=1e-6, rtol=1e-4)
     assert (attentions["compact"][-1][0] == 0).float().mean() > 0.4  # half the context's pairs are freed
+
+
+def prefill_then_answer(model, tokenizer, record, press, storage: str, answer_inside: bool) -> torch.Tensor:
+    """kvpress's own pattern: compress the context's cache inside the press block, answer with the cache."""
+    parts = encode_prompt(tokenizer, record["context"], [record["question"]], record["answer_prefix"])
+    prompt = torch.cat([parts.context_ids, parts.question_ids[0]], dim=1)
+    cache = DynamicCache(config=model.config)
+    generate = dict(max_new_tokens=10, do_sample=False, **{compat.model_cache_kwarg(): cache})
+    with press(model, tokenizer, kv_storage=storage):
+        model.model(input_ids=parts.context_ids, **{compat.model_cache_kwarg(): cache})
+        if answer_inside:
+            return model.generate(prompt, **generate)
+    return model.generate(prompt, **generate)
+
+
+@pytest.mark.parametrize("name", ["knorm", "adakv_snapkv"])
+def test_a_compact_cache_stays_compressed_after_the_press_block(kvtiny, needles, name):
+    """Under sdpa the packed layers are read by the compact kernel after the block too, so answering there gives
+    the compressed answer (before, sdpa read only the new tokens and failed or answered wrong)."""
+    model, tokenizer = kvtiny
+    for record in needles:
+        inside = prefill_then_answer(model, tokenizer, record, build_press(name, compression_ratio=0.5), "compact",
+                                     answer_inside=True)
+        after = prefill_then_answer(model, tokenizer, record, build_press(name, compression_ratio=0.5), "compact",
+                                    answer_inside=False)
+        masked = prefill_then_answer(model, tokenizer, record, build_press(name, compression_ratio=0.5), "mask",
+                                     answer_inside=True)
+        assert torch.equal(after, inside) and torch.equal(after, masked)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_a_compact_cache_under_eager_attention_is_refused_after_the_press_block_in_one_line(needles):
+    model, tokenizer = load_model("kvtiny", "cpu", attn_implementation="eager")
+    press = build_press("knorm", compression_ratio=0.5)
+    with pytest.raises(PressError, match=r"^this cache was compressed with compact storage under eager attention"):
+        prefill_then_answer(model, tokenizer, needles[0], press, "compact", answer_inside=False)
+    inside = prefill_then_answer(model, tokenizer, needles[0], press, "compact", answer_inside=True)  # re-entered
+    assert torch.equal(inside, prefill_then_answer(model, tokenizer, needles[0], press, "mask", answer_inside=True))
