@@ -17,6 +17,7 @@ the answer prefix; only the context is compressed. Without a chat template: BOS 
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -100,8 +101,16 @@ class KVPressTextGenerationPipeline(Pipeline):
         seed: int = 0,
         kv_storage: str = "compact",
         prefill_chunk_size: int | None = None,
+        cache=None,
         **kwargs,
     ):
+        if kwargs:  # a misspelt parameter would otherwise be dropped without a word
+            raise ValueError(f"unknown kv-press-text-generation parameter(s) {', '.join(sorted(kwargs))}: use "
+                             f"{', '.join(SETTINGS)}")
+        if cache is not None:
+            raise ValueError(f"cache={type(cache).__name__}: this pipeline builds its own DynamicCache per context "
+                             "(presses here read and free only DynamicCache layers, so quantized caches are not "
+                             "supported); leave cache out")
         if question is not None and questions is not None:
             raise ValueError("give either question or questions, not both")
         preprocess_kwargs = {
@@ -145,6 +154,10 @@ class KVPressTextGenerationPipeline(Pipeline):
     def forward(self, model_inputs, **forward_params):
         with torch.no_grad():
             return self._forward(model_inputs, **forward_params)
+
+
+SETTINGS = tuple(name for name in inspect.signature(KVPressTextGenerationPipeline._sanitize_parameters).parameters
+                 if name not in ("self", "cache", "kwargs"))
 
 
 def register_pipeline() -> None:

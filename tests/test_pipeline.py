@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import make_model, make_tokenizer
-from transformers import pipeline
+from transformers import DynamicCache, pipeline
 
 from presses import KnormPress, NoPress, encode_prompt
 
@@ -66,3 +67,14 @@ def test_model_card_usage_from_a_local_model_directory(tmp_path):
     assert press.achieved_compression_ratio > 0
     press.decoding = True
     assert isinstance(pipe("what is blue ?", press=press, enable_thinking=True, max_new_tokens=5)["answer"], str)
+
+
+def test_a_misspelt_parameter_or_a_cache_is_refused_in_one_line_not_dropped():
+    model, tokenizer = make_model("qwen3", vocab_size=64), make_tokenizer()
+    pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer, device="cpu")
+    with pytest.raises(ValueError, match=r"^unknown kv-press-text-generation parameter\(s\) max_new_token: use "
+                                         r"question, .*max_new_tokens"):
+        pipe(CONTEXT, question="what is blue ?", max_new_token=5)
+    with pytest.raises(ValueError, match=r"^cache=DynamicCache: this pipeline builds its own DynamicCache"):
+        pipe(CONTEXT, question="what is blue ?", cache=DynamicCache())
+    assert "answer" in pipe(CONTEXT, question="what is blue ?", max_new_tokens=2)
