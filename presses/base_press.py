@@ -39,7 +39,13 @@ import torch
 from torch import nn
 
 from presses import compat
-from presses.compact_cache import COMPACT_ATTENTION, CompactLayer, compact_layers, new_layer_for
+from presses.compact_cache import (
+    COMPACT_EAGER,
+    COMPACT_IMPLEMENTATIONS,
+    CompactLayer,
+    compact_layers,
+    new_layer_for,
+)
 from presses.errors import PressError
 
 KV_STORAGES = ("compact", "mask")
@@ -236,7 +242,7 @@ class BasePress:
         ``tokenizer`` is only needed by presses that build prompts of their own (KVzip's repeat prompt).
         ``kv_storage``: ``"compact"`` frees evicted pairs (the default), ``"mask"`` keeps them and masks them.
         Compact storage falls back to masking for presses that rewrite the cache and for attention
-        implementations other than sdpa and eager.
+        implementations other than sdpa, flash-attention and eager.
         """
         if kv_storage not in KV_STORAGES:
             raise PressError(f"kv_storage must be one of {', '.join(KV_STORAGES)}, got {kv_storage!r}")
@@ -247,20 +253,20 @@ class BasePress:
         handles = []
         original = compat.attn_implementation(modules[0]) if modules else None
         try:
-            if self.__dict__["_compact"]:
-                compat.set_attn_implementation(model, f"kvpress_compact_{original}")
+            if self.__dict__["_compact"] and original == "eager":
+                compat.set_attn_implementation(model, COMPACT_EAGER)
             for module in modules:
                 handles.append(module.register_forward_pre_hook(self._before_attention, with_kwargs=True))
                 handles.append(module.register_forward_hook(self._after_attention, with_kwargs=True))
             yield self
         finally:
-            if self.__dict__["_compact"]:
+            if self.__dict__["_compact"] and original == "eager":
                 compat.set_attn_implementation(model, original)
-                if original == "eager":  # only sdpa reads a packed layer outside the press
-                    for cache in self.__dict__.pop("_compact_caches", ()):
-                        for layer in compact_layers(cache):
-                            layer.needs_press = layer.packed
-                self.__dict__.pop("_compact_caches", None)
+                # sdpa and flash-attention read a packed layer after the block (reading_compact_layers), eager not
+                for cache in self.__dict__.get("_compact_caches", ()):
+                    for layer in compact_layers(cache):
+                        layer.needs_press = layer.packed
+            self.__dict__.pop("_compact_caches", None)
             for handle in handles:
                 handle.remove()
             self.__dict__["_compact"] = False
@@ -270,7 +276,7 @@ class BasePress:
         modules = compat.attention_modules(model)
         if self.rewrites_cache or not modules:
             return "mask"
-        if f"kvpress_compact_{compat.attn_implementation(modules[0])}" not in COMPACT_ATTENTION:
+        if compat.attn_implementation(modules[0]) not in COMPACT_IMPLEMENTATIONS:
             return "mask"
         return "compact"
 

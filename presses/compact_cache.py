@@ -24,15 +24,18 @@ Positions: keys are cached after RoPE, so a packed key keeps its true rotation; 
 from the model (the cache reports the logical length, tokens seen so far, not the packed length). Evictions are
 mirrored from the press's logical mask (batch, kv_heads, tokens seen) by :meth:`CompactLayer.apply_evictions`.
 
-Attention (:func:`compact_attention`): the dense prefill uses the model's own sdpa or eager kernel. Later forwards
-attend to the pages and the recent region at once: one batched matmul per region, a max and a sum per (row, head)
-combined across pages with ``scatter_reduce``/``index_add``, softmax in float32. The cost of a step is proportional
-to the pairs held, and nothing in it grows with the eviction history. flash-attention's varlen kernel over the pages
-is not built: under flash-attention a press masks instead (``BasePress.storage_for``; README). A packed layer tags
-the keys its ``update`` returns with itself, which is how the attention finds it; transformers' sdpa is registered
-through :func:`sdpa_reading_compact_layers`, so a cache compressed inside ``with press(model)`` stays compressed, and
-readable, after the block (kvpress's pattern: prefill under the press, answer with the cache). Eager attention
-cannot be rerouted that way: there, answering after the block is refused in one line.
+Attention: the dense prefill uses the model's own kernel (sdpa, flash-attention, eager). Later forwards attend to
+the pages and the recent region at once (:meth:`CompactLayer.attend`): one batched matmul per region, a max and a
+sum per (row, head) combined across pages with ``scatter_reduce``/``index_add``, softmax in float32. The cost of a
+step is proportional to the pairs held, and nothing in it grows with the eviction history. A packed layer tags the
+keys its ``update`` returns with itself, which is how the attention finds it: transformers' sdpa and
+flash-attention are registered through :func:`reading_compact_layers`, which sends a packed layer to the compact
+kernel and anything else to the kernel itself. So flash-attention, which cannot mask, runs presses with compact
+storage, and a cache compressed inside ``with press(model)`` stays compressed, and readable, after the block
+(kvpress's pattern: prefill under the press, answer with the cache). Eager attention is not in transformers'
+registry: a press switches the model to :func:`compact_eager_attention` while it is on, and answering after the
+block is refused in one line. flash-attention's varlen kernel over the pages is not built (decoding steps use the
+compact kernel under flash-attention too).
 
 A left-padded batch: the compact kernel has no attention mask, so the prefill's padding keys are freed with the
 first eviction (the layer reads them off the prefill's mask, ``padding``).
@@ -46,7 +49,7 @@ import torch
 from torch import nn
 from transformers import AttentionInterface
 from transformers.cache_utils import DynamicLayer
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from presses.errors import PressError
@@ -59,7 +62,12 @@ EMPTY = torch.iinfo(torch.int32).max  # page slot without a pair (padding or fre
 # A packed layer tags the keys its update() returns with itself, so the attention finds the layer it must read.
 LAYER_TAG = "kvpress_compact_layer"
 # attention name while a compact cache is in use -> the model's own implementation, used for the dense prefill
-COMPACT_ATTENTION = {"kvpress_compact_sdpa": "sdpa", "kvpress_compact_eager": "eager"}
+# Kernels that read a packed layer: transformers' own, registered through a wrapper that routes a packed layer's
+# attention to the compact kernel (:func:`reading_compact_layers`). Eager attention is not in transformers' registry
+# (each modeling file calls its own), so a press switches the model to a registered stand-in while it is on.
+WRAPPED_KERNELS = ("sdpa", "flash_attention_2", "flash_attention_3")
+COMPACT_EAGER = "kvpress_compact_eager"
+COMPACT_IMPLEMENTATIONS = (*WRAPPED_KERNELS, "eager")
 
 
 class ByteTracker:
@@ -86,7 +94,7 @@ class CompactLayer(DynamicLayer):
         # they are freed with the first eviction, since the compact kernel has no attention mask to hide them with.
         self.padding: torch.Tensor | None = None
         # Set when the press that packed this layer exits under eager attention: outside the press, eager attention
-        # cannot read a packed layer (sdpa can: see ``sdpa_reading_compact_layers``).
+        # cannot read a packed layer (sdpa and flash-attention can: see ``reading_compact_layers``).
         self.needs_press = False
         self.tracker = tracker or ByteTracker()
         self.accounted = 0  # this layer's bytes as last told to the tracker
@@ -405,20 +413,15 @@ class CompactLayer(DynamicLayer):
         return output.transpose(1, 2).to(query.dtype).contiguous(), weights
 
 
-def compact_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                      attention_mask, scaling: float, dropout: float = 0.0, **kwargs):
-    """Attention while a press with compact storage is on: the model's own kernel until the layer is packed, then
-    :meth:`CompactLayer.attend`."""
+def compact_eager_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask, scaling: float, dropout: float = 0.0, **kwargs):
+    """Eager attention while a press with compact storage is on: the modeling file's own eager kernel until the
+    layer is packed, then :meth:`CompactLayer.attend`, with the weights eager attention returns."""
     layer: CompactLayer | None = getattr(key, LAYER_TAG, None)
     if layer is None or not layer.packed:
-        original = COMPACT_ATTENTION[module.config._attn_implementation]
-        if original == "eager":  # each modeling file defines its own
-            function = sys.modules[type(module).__module__].eager_attention_forward
-        else:
-            function = ALL_ATTENTION_FUNCTIONS[original]
-        return function(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    # eager attention returns its weights (the model keeps them for output_attentions); sdpa returns none
-    return layer.attend(query, scaling, with_weights=COMPACT_ATTENTION[module.config._attn_implementation] == "eager")
+        eager = sys.modules[type(module).__module__].eager_attention_forward
+        return eager(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    return layer.attend(query, scaling, with_weights=True)
 
 
 def page_layout(counts: torch.Tensor) -> tuple[int, bool]:
@@ -456,26 +459,32 @@ def _pad_false(mask: torch.Tensor | None, shape: torch.Size, n: int) -> torch.Te
     return padded
 
 
-_SDPA = ALL_ATTENTION_FUNCTIONS["sdpa"]
+def reading_compact_layers(kernel):
+    """``kernel`` (transformers' sdpa or flash-attention), except over a packed compact layer, which it reads with
+    :meth:`CompactLayer.attend`.
 
-
-def sdpa_reading_compact_layers(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                                attention_mask, dropout: float = 0.0, scaling: float | None = None, **kwargs):
-    """transformers' sdpa, except over a packed compact layer, which it reads with :meth:`CompactLayer.attend`.
-
-    Registered in place of sdpa, so that a cache compressed inside ``with press(model)`` keeps working after the
-    block, as kvpress's physically compressed caches do (prefill under the press, then answer with the cache).
+    Registered in place of the kernel, so that a press needs no switch of attention implementation for it, and a
+    cache compressed inside ``with press(model)`` stays compressed, and readable, after the block, as kvpress's
+    physically compressed caches do (prefill under the press, then answer with the cache). The dense prefill and
+    anything that is not a packed layer go to ``kernel`` unchanged.
     """
-    layer = getattr(key, LAYER_TAG, None)
-    if layer is None or not layer.packed:
-        return _SDPA(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    return layer.attend(query, query.shape[-1] ** -0.5 if scaling is None else scaling)
+
+    def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
+                  dropout: float = 0.0, scaling: float | None = None, **kwargs):
+        layer = getattr(key, LAYER_TAG, None)
+        if layer is None or not layer.packed:
+            return kernel(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return layer.attend(query, query.shape[-1] ** -0.5 if scaling is None else scaling)
+
+    attention.kernel = kernel
+    return attention
 
 
-for _name, _original in COMPACT_ATTENTION.items():
-    AttentionInterface.register(_name, compact_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(_name, sdpa_mask if _original == "sdpa" else eager_mask)
-AttentionInterface.register("sdpa", sdpa_reading_compact_layers)
+for _name in WRAPPED_KERNELS:
+    if _name in ALL_ATTENTION_FUNCTIONS and not hasattr(ALL_ATTENTION_FUNCTIONS[_name], "kernel"):
+        AttentionInterface.register(_name, reading_compact_layers(ALL_ATTENTION_FUNCTIONS[_name]))
+AttentionInterface.register(COMPACT_EAGER, compact_eager_attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register(COMPACT_EAGER, eager_mask)
 
 
 def new_layer_for(cache) -> CompactLayer:

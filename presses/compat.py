@@ -193,13 +193,17 @@ def output_projection_per_head(module: nn.Module) -> torch.Tensor:
 
 
 def padding_keys(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """(batch, k_len) True at keys no query of the forward may see (padding), from a prefill's 4D attention mask
-    (sdpa: boolean, True = attend; eager: additive float), or None when the mask is None (no padding).
+    """(batch, k_len) True at keys no query of the forward may see (padding), from a prefill's attention mask, or
+    None when there is no padding.
 
-    A prefill's last query sees every key that is not padding, so its row of the mask says which keys are.
+    sdpa and eager get a 4D mask (boolean, True = attend; additive float): a prefill's last query sees every key
+    that is not padding, so its row says which keys are. flash-attention gets the 2D padding mask (1 = token).
     """
-    if attention_mask is None or attention_mask.dim() != 4:
+    if attention_mask is None:
         return None
+    if attention_mask.dim() == 2:
+        blocked = attention_mask == 0
+        return blocked if bool(blocked.any()) else None
     last = attention_mask[:, 0, -1, :]
     blocked = ~last if last.dtype == torch.bool else last <= torch.finfo(last.dtype).min / 2
     return blocked if bool(blocked.any()) else None

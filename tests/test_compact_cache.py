@@ -336,3 +336,83 @@ def test_a_compact_cache_under_eager_attention_is_refused_after_the_press_block_
         prefill_then_answer(model, tokenizer, needles[0], press, "compact", answer_inside=False)
     inside = prefill_then_answer(model, tokenizer, needles[0], press, "compact", answer_inside=True)  # re-entered
     assert torch.equal(inside, prefill_then_answer(model, tokenizer, needles[0], press, "mask", answer_inside=True))
+
+
+FLASH_CALLS: list[int] = []  # query lengths the flash stand-in was called with
+
+
+def flash_attention_on_cpu(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """A CPU stand-in for transformers' flash-attention kernel, to its contract: queries (batch, heads, q, dim),
+    keys and values (batch, kv_heads, k, dim), a 2D padding mask (1 = token) or None, causal aligned to the end
+    (the queries are the last q positions); returns (batch, q, heads, dim)."""
+    FLASH_CALLS.append(query.shape[2])
+    groups = query.shape[1] // key.shape[1]
+    keys, values = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    logits = (query @ keys.transpose(-1, -2)).float() * (scaling or query.shape[-1] ** -0.5)
+    q_len, k_len = query.shape[2], key.shape[2]
+    blocked = torch.arange(k_len)[None, :] > (k_len - q_len + torch.arange(q_len))[:, None]
+    if attention_mask is not None:
+        blocked = blocked[None, None] | (attention_mask[:, None, None, :k_len] == 0)
+    # a padding query sees no key: flash-attention skips it (unpadded), its output here is zero, not NaN
+    weights = logits.masked_fill(blocked, float("-inf")).softmax(-1).nan_to_num(0.0).to(values.dtype)
+    return (weights @ values).transpose(1, 2).contiguous(), None
+
+
+@pytest.fixture
+def kvtiny_under_flash(monkeypatch):
+    """kvtiny routed through the flash-attention entry of transformers' registry, its kernel a CPU stand-in (no
+    flash-attn here): what runs is transformers' flash path and the compact cache's routing around it."""
+    from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from presses.compact_cache import reading_compact_layers
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, "flash_attention_2",
+                        reading_compact_layers(flash_attention_on_cpu))
+    assert ALL_ATTENTION_FUNCTIONS["flash_attention_2"].kernel is flash_attention_on_cpu
+    model, tokenizer = load_model("kvtiny", "cpu")
+    compat.set_attn_implementation(model, "flash_attention_2")
+    return model, tokenizer
+
+
+@pytest.mark.parametrize("name, knob", [
+    ("knorm", {"compression_ratio": 0.5}), ("adakv_snapkv", {"compression_ratio": 0.5}),
+    ("kvzap_mlp", {"threshold": -4.0}), ("kvzip", {"compression_ratio": 0.5})])
+def test_presses_run_under_flash_attention_with_compact_storage(kvtiny, kvtiny_under_flash, needles, name, knob):
+    """Under flash-attention, which cannot mask, a press frees pairs (compact storage): the dense prefill runs the
+    flash kernel, later forwards the compact kernel; answers equal sdpa's with masked storage."""
+    for record in needles:
+        FLASH_CALLS.clear()
+        under_flash, measures = answer(kvtiny_under_flash, record, build_press(name, **knob), "compact")
+        masked, _ = answer(kvtiny, record, build_press(name, **knob), "mask")
+        assert under_flash == masked
+        assert max(FLASH_CALLS) > 100  # the context's prefill ran the flash kernel
+        assert measures.kv_bytes_held_after_prefill < 0.8 * measures.kv_bytes_dense  # and pairs were freed
+    assert kvtiny_under_flash[0].config._attn_implementation == "flash_attention_2"
+    with pytest.raises(PressError, match="needs attn_implementation 'sdpa' or 'eager'"):  # flash cannot mask
+        answer(kvtiny_under_flash, needles[0], build_press(name, **knob), "mask")
+
+
+def test_a_left_padded_batch_under_flash_attention_answers_as_sdpa_with_masks(kvtiny, kvtiny_under_flash, needles):
+    """flash-attention hands the attention a 2D padding mask: the compact layer frees those keys too."""
+    outputs = {}
+    for label, (model, tokenizer), storage in (("flash", kvtiny_under_flash, "compact"), ("sdpa", kvtiny, "mask")):
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": record["context"][:length] + record[
+            "question"]}], add_generation_prompt=True, tokenize=False) + record["answer_prefix"]
+                   for record, length in zip(needles, (None, 700), strict=True)]
+        tokenizer.padding_side = "left"
+        batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        with build_press("knorm", compression_ratio=0.5)(model, tokenizer, kv_storage=storage):
+            outputs[label] = model.generate(**batch, max_new_tokens=10, do_sample=False,
+                                            pad_token_id=tokenizer.pad_token_id,
+                                            **{compat.model_cache_kwarg(): DynamicCache(config=model.config)})
+    assert torch.equal(outputs["flash"], outputs["sdpa"])
+
+
+def test_the_sweep_engine_leaves_flash_attention_cells_to_the_one_at_a_time_path(kvtiny, kvtiny_under_flash):
+    from evaluation.engine import engine_refusal
+
+    press = build_press("knorm", compression_ratio=0.5)
+    assert engine_refusal(kvtiny[0], press) is None
+    assert engine_refusal(kvtiny_under_flash[0], press) == (
+        "its shared prefill masks evicted pairs, which flash-attention cannot do")
