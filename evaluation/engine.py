@@ -184,7 +184,7 @@ def engine_refusal(model: nn.Module, press: BasePress, kv_storage: str = "compac
     """Why a cell cannot share the engine's prefill and batched decoding (it then runs one context at a time)."""
     if len(compat.attention_modules(model)) != len(compat.decoder_layers(model)):
         return "the model has sliding-window layers"
-    if compat.attn_implementation(compat.attention_modules(model)[0]) not in ("sdpa", "eager"):
+    if compat.attn_implementation(compat.attention_modules(model)[0]) not in compat.MASKING_IMPLEMENTATIONS:
         return "its shared prefill masks evicted pairs, which flash-attention cannot do"
     if getattr(press, "rewrites_cache", False):
         return "the press rewrites cached keys or values"

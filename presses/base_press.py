@@ -342,17 +342,18 @@ class BasePress:
                 raise PressError("compact KV storage starts from an empty cache: pass a new DynamicCache, "
                                  "or use kv_storage='mask'")
             layer = compat.replace_cache_layer(cache, module.layer_idx, new_layer_for(cache))
-            layer.padding = compat.padding_keys(kwargs.get("attention_mask"))
-        elif past == 0:
-            layer.reset()
-            layer.padding = compat.padding_keys(kwargs.get("attention_mask"))
-        else:
+        elif past:
             state = self.layer_state(module.layer_idx)
             if "evicted" in state and state["evicted"].shape[-1] > past:  # cropped between questions
                 self._truncate_positions(past)
             layer.apply_evictions(state.get("evicted"))
-        layer.needs_press = False
-        self.__dict__.setdefault("_compact_caches", weakref.WeakSet()).add(cache)
+        else:
+            layer.reset()
+        if not past:  # a new prefill: its padding keys, if any, go with the first eviction
+            layer.padding = compat.padding_keys(kwargs.get("attention_mask"))
+        if compat.attn_implementation(module) == COMPACT_EAGER:  # remembered to refuse reading it after the block
+            layer.needs_press = False
+            self.__dict__.setdefault("_compact_caches", weakref.WeakSet()).add(cache)
         return None
 
     def _after_attention(self, module: nn.Module, args: tuple, kwargs: dict, output):

@@ -61,7 +61,6 @@ FOLD_MIN = 256  # recent tokens before evicted ones there are freed by folding t
 EMPTY = torch.iinfo(torch.int32).max  # page slot without a pair (padding or freed)
 # A packed layer tags the keys its update() returns with itself, so the attention finds the layer it must read.
 LAYER_TAG = "kvpress_compact_layer"
-# attention name while a compact cache is in use -> the model's own implementation, used for the dense prefill
 # Kernels that read a packed layer: transformers' own, registered through a wrapper that routes a packed layer's
 # attention to the compact kernel (:func:`reading_compact_layers`). Eager attention is not in transformers' registry
 # (each modeling file calls its own), so a press switches the model to a registered stand-in while it is on.
@@ -121,7 +120,7 @@ class CompactLayer(DynamicLayer):
         self.recent_evicted[:, :, self.recent_len:end] = False
         self.recent_len = end
         self._note_peak()
-        setattr(key_states, LAYER_TAG, self)  # the attention reads the layer itself (compact_attention)
+        setattr(key_states, LAYER_TAG, self)  # the attention reads the layer itself (reading_compact_layers)
         return key_states, value_states
 
     def get_seq_length(self) -> int:
@@ -187,7 +186,7 @@ class CompactLayer(DynamicLayer):
         applied = self.applied
         if applied is None or applied.shape[-1] < n:
             applied = _pad_false(applied, evicted.shape, n)
-        newly = self._with_padding(evicted) & ~self._with_padding(applied[..., :n])
+        newly = evicted & ~applied[..., :n]  # padding keys were never packed: nothing below frees them twice
         self.applied = evicted
         if not bool(newly.any()):
             return

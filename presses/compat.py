@@ -192,6 +192,9 @@ def output_projection_per_head(module: nn.Module) -> torch.Tensor:
     return weight.T.reshape(module.config.num_attention_heads, head_dim(module), -1)
 
 
+MASKING_IMPLEMENTATIONS = ("sdpa", "eager")  # attention that takes an arbitrary mask, so evicted pairs can be hidden
+
+
 def padding_keys(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     """(batch, k_len) True at keys no query of the forward may see (padding), from a prefill's attention mask, or
     None when there is no padding.
@@ -222,7 +225,7 @@ def mask_evicted_pairs(
     (0 or dtype min) for eager. An evicted key thus gets exactly zero attention weight.
     """
     implementation = attn_implementation(module)
-    if implementation not in ("sdpa", "eager"):
+    if implementation not in MASKING_IMPLEMENTATIONS:
         raise PressError(
             f"per-head eviction needs attn_implementation 'sdpa' or 'eager', got '{implementation}': "
             "load the model with attn_implementation='sdpa'"
