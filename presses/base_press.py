@@ -52,6 +52,7 @@ KV_STORAGES = ("compact", "mask")
 
 # While set, every press's hooks stand aside: KVzip's reconstruction passes and the sweep engine's batched decoding
 # run forwards that other presses attached to the same model must not see (see :func:`presses_paused`).
+_ROW_FOLLOWER = "kvpress_row_follower"  # on a cache: the press whose state follows the cache's row reorders
 _HOOKS_PAUSED: ContextVar[bool] = ContextVar("kvpress_eval_hooks_paused", default=False)
 
 
@@ -200,6 +201,19 @@ class BasePress:
         for child, child_snapshot in zip(self.children(), snapshot["children"], strict=True):
             child.use_snapshot(child_snapshot)
 
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Follow a reorder of the cache's rows (beam search): row ``i`` of the state becomes former row ``rows[i]``.
+
+        Per-layer state tensors are batch-first; one whose first axis is not the batch (a step counter, rotary
+        tables shared by every row) is left as it is.
+        """
+        for state in self._layer_state.values():
+            for name, tensor in list(state.items()):
+                if tensor.dim() and tensor.shape[0] == rows.numel():
+                    state[name] = tensor[rows.to(tensor.device)]
+        for child in self.children():
+            child.select_rows(rows)
+
     def shared_work_key(self):
         """Presses of one sweep returning equal keys compute the same costly scores for a context (KVzip's
         reconstruction passes at every ratio): the sweep engine then hands them one dict per context, as
@@ -304,6 +318,8 @@ class BasePress:
         if not self.hooks_active:
             return None
         cache = compat.cache_from_kwargs(kwargs)
+        if module.layer_idx == 0:
+            _follow_row_reorders(cache, self)
         if self.__dict__.get("_compact"):
             return self._before_compact_attention(module, cache, args, kwargs)
         past = compat.cache_length(cache, module.layer_idx)
@@ -405,6 +421,23 @@ class BasePress:
                     state[name] = state[name][..., :length]
         for child in self.children():
             child._truncate_positions(length)
+
+
+def _follow_row_reorders(cache, press: BasePress) -> None:
+    """Beam search reorders the cache's rows between steps (``cache.reorder_cache(beam_idx)``): the rows of the
+    press's state (eviction masks, scores, buffers) must move with them, or a row would be masked with another
+    beam's evictions. The cache's method is wrapped once; it moves the state of the last press run on the cache."""
+    if cache.__dict__.get(_ROW_FOLLOWER) is None:
+        reorder, cache_ref = cache.reorder_cache, weakref.ref(cache)
+
+        def reorder_cache(beam_idx: torch.LongTensor) -> None:
+            reorder(beam_idx)
+            follower = cache_ref().__dict__[_ROW_FOLLOWER]()
+            if follower is not None:
+                follower.select_rows(beam_idx)
+
+        cache.reorder_cache = reorder_cache
+    cache.__dict__[_ROW_FOLLOWER] = weakref.ref(press)
 
 
 def cache_kv_reader(cache, layer_idx: int) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:

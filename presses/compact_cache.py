@@ -160,15 +160,50 @@ class CompactLayer(DynamicLayer):
         self.padding = None
         self._note_peak()
 
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: row ``i`` becomes former row ``beam_idx[i]``."""
+        self.select_rows(beam_idx)
+
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.packed:
-            raise NotImplementedError("a packed compact cache cannot be expanded (beam search): use kv_storage='mask'")
-        super().batch_repeat_interleave(repeats)
+        self.select_rows(torch.arange(self.batch_size(), device=self.device).repeat_interleave(repeats))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.packed:
-            raise NotImplementedError("a packed compact cache cannot select rows: use kv_storage='mask'")
-        super().batch_select_indices(indices)
+        self.select_rows(indices)
+
+    def batch_size(self) -> int:
+        return self.batch if self.packed else self.keys.shape[0]
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep former rows ``rows`` (repeats allowed), in that order: row ``i`` becomes former row ``rows[i]``."""
+        if not self.is_initialized:
+            return
+        rows = rows.to(device=self.device, dtype=torch.long)
+        if self.padding is not None:
+            self.padding = self.padding[rows]
+        if self.applied is not None:
+            self.applied = self.applied[rows]
+        if not self.packed:
+            self.keys, self.values = self.keys[rows], self.values[rows]
+            self._note_peak()
+            return
+        # A (row, head)'s pages are consecutive (packing sorts by owner): gather each new owner's former pages.
+        heads = self.heads
+        former_owner = (rows[:, None] * heads + torch.arange(heads, device=self.device)).reshape(-1)
+        pages_per_owner = torch.bincount(self.page_owner, minlength=self.batch * heads)
+        first_page = torch.cumsum(pages_per_owner, 0) - pages_per_owner
+        counts = pages_per_owner[former_owner]
+        page_owner = torch.arange(former_owner.numel(), device=self.device).repeat_interleave(counts)
+        rank = torch.arange(page_owner.numel(), device=self.device) - (torch.cumsum(counts, 0) - counts)[page_owner]
+        pages = first_page[former_owner][page_owner] + rank
+        old_slots = max(1, self.page_positions.numel())
+        self.page_keys, self.page_values = self.page_keys[pages], self.page_values[pages]
+        self.page_positions, self.page_owner = self.page_positions[pages], page_owner
+        # Holes are counted per layer, not per row: scaled with the slots kept (it only decides when to repack).
+        self.holes = self.holes * self.page_positions.numel() // old_slots
+        self.recent_keys, self.recent_values = self.recent_keys[rows], self.recent_values[rows]
+        self.recent_evicted = self.recent_evicted[rows]
+        self.batch = rows.numel()
+        self._note_peak()
 
     # -- evictions ------------------------------------------------------------------------------------------
 

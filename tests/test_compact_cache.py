@@ -266,7 +266,9 @@ def test_a_cache_a_press_cannot_compress_is_refused_in_one_line_in_both_storages
 
 @pytest.mark.parametrize("generation", [
     {"do_sample": False, "prompt_lookup_num_tokens": 3},  # assisted generation: crops rejected candidates, often 0
-    {"do_sample": True, "num_return_sequences": 3}], ids=["prompt_lookup", "sampling"])
+    {"do_sample": True, "num_return_sequences": 3},
+    {"do_sample": False, "num_beams": 3, "num_return_sequences": 2}],  # beam search reorders the cache's rows
+    ids=["prompt_lookup", "sampling", "beam_search"])
 @pytest.mark.parametrize("name", ["knorm", "adakv_snapkv"])
 def test_assisted_and_sampled_generation_are_storage_independent(kvtiny, needles, name, generation):
     model, tokenizer = kvtiny
@@ -279,6 +281,49 @@ def test_assisted_and_sampled_generation_are_storage_independent(kvtiny, needles
             outputs[storage] = model.generate(prompt, max_new_tokens=16, **generation,
                                               **{compat.model_cache_kwarg(): DynamicCache(config=model.config)})
     assert torch.equal(outputs["mask"], outputs["compact"])
+
+
+@pytest.mark.parametrize("storage", ["mask", "compact"])
+@pytest.mark.parametrize("name, knob", [("knorm", {"compression_ratio": 0.5}), ("kvzap_mlp", {"threshold": -3.0})])
+def test_the_press_state_follows_a_reorder_of_the_cache_rows(kvtiny, name, knob, storage):
+    """Beam search reorders the cache's rows between steps: the press's evictions must move with them. Prefill rows
+    (a, b), swap them, decode: the logits equal a prefill of (b, a) decoded the same way (kvzap_mlp also evicts
+    while decoding, from the swapped state)."""
+    model, _ = kvtiny
+    generator = torch.Generator().manual_seed(0)
+    prompts = torch.randint(10, 4000, (2, 300), generator=generator)
+    steps = torch.randint(10, 4000, (2, 3), generator=generator)
+    logits = {}
+    for order, swap in (("swapped", True), ("reference", False)):
+        cache = DynamicCache(config=model.config)
+        press = build_press(name, **knob)
+        with press(model, kv_storage=storage), torch.no_grad():
+            model(prompts if swap else prompts.flip(0), **{compat.model_cache_kwarg(): cache})
+            if swap:
+                cache.reorder_cache(torch.tensor([1, 0]))
+            outputs = [model(steps[:, i:i + 1], **{compat.model_cache_kwarg(): cache}).logits for i in range(3)]
+        logits[order] = torch.cat(outputs, dim=1)
+        assert press.achieved_compression_ratio > 0.3
+    torch.testing.assert_close(logits["swapped"], logits["reference"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("head_wise", [False, True])
+def test_selecting_rows_of_a_packed_layer_keeps_their_pairs(head_wise):
+    generator = torch.Generator().manual_seed(0)
+    keys, values = torch.randn(3, 2, 64, 8, generator=generator), torch.randn(3, 2, 64, 8, generator=generator)
+    evicted = torch.rand(3, 2, 64, generator=generator) < (0.5 if head_wise else 0.0)
+    if not head_wise:
+        evicted[..., ::2] = True
+    rows = torch.tensor([2, 0, 0, 1])
+    layer = CompactLayer.from_dense(keys, values, evicted)
+    layer.batch_select_indices(rows)
+    expected = CompactLayer.from_dense(keys[rows], values[rows], evicted[rows])
+    assert layer.uniform == (not head_wise)
+    for got, want in zip(layer.logical_keys_values(), expected.logical_keys_values(), strict=True):
+        assert torch.equal(got, want)
+    assert layer.kv_bytes() == expected.kv_bytes()
+    query = torch.randn(4, 4, 1, 8, generator=generator)
+    torch.testing.assert_close(layer.attend(query, 0.3)[0], expected.attend(query, 0.3)[0])
 
 
 def test_eager_attention_weights_are_storage_independent(needles):
