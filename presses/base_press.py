@@ -37,6 +37,7 @@ from typing import ClassVar
 
 import torch
 from torch import nn
+from transformers.cache_utils import Cache
 
 from presses import compat
 from presses.compact_cache import (
@@ -52,7 +53,6 @@ KV_STORAGES = ("compact", "mask")
 
 # While set, every press's hooks stand aside: KVzip's reconstruction passes and the sweep engine's batched decoding
 # run forwards that other presses attached to the same model must not see (see :func:`presses_paused`).
-_ROW_FOLLOWER = "kvpress_row_follower"  # on a cache: the press whose state follows the cache's row reorders
 _HOOKS_PAUSED: ContextVar[bool] = ContextVar("kvpress_eval_hooks_paused", default=False)
 
 
@@ -424,20 +424,28 @@ class BasePress:
 
 
 def _follow_row_reorders(cache, press: BasePress) -> None:
-    """Beam search reorders the cache's rows between steps (``cache.reorder_cache(beam_idx)``): the rows of the
-    press's state (eviction masks, scores, buffers) must move with them, or a row would be masked with another
-    beam's evictions. The cache's method is wrapped once; it moves the state of the last press run on the cache."""
-    if cache.__dict__.get(_ROW_FOLLOWER) is None:
-        reorder, cache_ref = cache.reorder_cache, weakref.ref(cache)
+    """Make ``press``'s state follow the row reorders of ``cache`` (see :func:`_reorder_rows_and_press_state`)."""
+    _ROW_FOLLOWERS[cache] = weakref.ref(press)
 
-        def reorder_cache(beam_idx: torch.LongTensor) -> None:
-            reorder(beam_idx)
-            follower = cache_ref().__dict__[_ROW_FOLLOWER]()
-            if follower is not None:
-                follower.select_rows(beam_idx)
 
-        cache.reorder_cache = reorder_cache
-    cache.__dict__[_ROW_FOLLOWER] = weakref.ref(press)
+def _reorder_rows_and_press_state(cache: Cache, beam_idx: torch.LongTensor) -> None:
+    """``Cache.reorder_cache``, then the same reorder of the state of the last press run on the cache.
+
+    Beam search reorders the cache's rows between steps: the rows of the press's state (eviction masks, scores,
+    buffers) must move with them, or a row would be masked with another beam's evictions. Patched on transformers'
+    ``Cache`` class (not on cache objects, which are deep-copied and pickled); a cache no press ran on is untouched.
+    """
+    _reorder_cache(cache, beam_idx)
+    follower = _ROW_FOLLOWERS.get(cache)
+    press = follower() if follower is not None else None
+    if press is not None:
+        press.select_rows(beam_idx)
+
+
+_ROW_FOLLOWERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> weakref to its last press
+_reorder_cache = getattr(Cache.reorder_cache, "unpatched", Cache.reorder_cache)  # once, even if reloaded
+_reorder_rows_and_press_state.unpatched = _reorder_cache
+Cache.reorder_cache = _reorder_rows_and_press_state
 
 
 def cache_kv_reader(cache, layer_idx: int) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:

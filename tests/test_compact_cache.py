@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import torch
 from transformers import DynamicCache, QuantizedCache, StaticCache
@@ -305,6 +308,23 @@ def test_the_press_state_follows_a_reorder_of_the_cache_rows(kvtiny, name, knob,
         logits[order] = torch.cat(outputs, dim=1)
         assert press.achieved_compression_ratio > 0.3
     torch.testing.assert_close(logits["swapped"], logits["reference"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("storage", ["mask", "compact"])
+def test_a_cache_a_press_ran_on_can_be_copied_and_pickled(kvtiny, storage):
+    """Users copy a prefilled cache to answer several questions, or save it: a press leaves nothing on the cache
+    that cannot be deep-copied or pickled, and the copy answers like the original."""
+    model, _ = kvtiny
+    prompt = torch.randint(10, 4000, (1, 200), generator=torch.Generator().manual_seed(0))
+    cache = DynamicCache(config=model.config)
+    with build_press("knorm", compression_ratio=0.5)(model, kv_storage=storage), torch.no_grad():
+        model(prompt, **{compat.model_cache_kwarg(): cache})
+    for copy_of in (copy.deepcopy, lambda c: pickle.loads(pickle.dumps(c))):
+        duplicate = copy_of(cache)
+        with torch.no_grad():
+            logits = [model(torch.tensor([[5]]), **{compat.model_cache_kwarg(): c}).logits for c in (cache, duplicate)]
+        compat.crop_cache(cache, 200)
+        torch.testing.assert_close(logits[1], logits[0])
 
 
 @pytest.mark.parametrize("head_wise", [False, True])
