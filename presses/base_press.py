@@ -354,6 +354,9 @@ class BasePress:
         past = layer.get_seq_length()
         if not isinstance(layer, CompactLayer):
             compat.check_pressable_layer(layer, module.layer_idx)
+            if getattr(cache, "offloading", False):  # layers are copied across devices on a side stream, unseen
+                raise PressError("compact KV storage cannot use an offloading cache (DynamicCache(offloading=True)): "
+                                 "use kv_storage='mask', or a cache without offloading")
             if past:
                 raise PressError("compact KV storage starts from an empty cache: pass a new DynamicCache, "
                                  "or use kv_storage='mask'")

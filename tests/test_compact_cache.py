@@ -310,6 +310,15 @@ def test_the_press_state_follows_a_reorder_of_the_cache_rows(kvtiny, name, knob,
     torch.testing.assert_close(logits["swapped"], logits["reference"], atol=1e-5, rtol=1e-5)
 
 
+def test_an_offloading_cache_is_refused_by_compact_storage_in_one_line(kvtiny):
+    model, _ = kvtiny
+    cache = DynamicCache(config=model.config, offloading=True)
+    with pytest.raises(PressError, match=r"offloading cache .*kv_storage='mask'") as error:
+        with build_press("knorm", compression_ratio=0.5)(model):
+            model(torch.randint(10, 4000, (1, 50)), **{compat.model_cache_kwarg(): cache})
+    assert "\n" not in str(error.value)
+
+
 @pytest.mark.parametrize("storage", ["mask", "compact"])
 def test_a_cache_a_press_ran_on_can_be_copied_and_pickled(kvtiny, storage):
     """Users copy a prefilled cache to answer several questions, or save it: a press leaves nothing on the cache
