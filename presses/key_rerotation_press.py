@@ -10,6 +10,9 @@ from presses.base_press import LayerInputs, keep_top_scores
 from presses.errors import PressError
 from presses.wrapper_press import ScorerWrapperPress
 
+# RoPE types whose inverse frequencies depend on the sequence length (transformers' dynamic_rope_update).
+LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+
 
 @dataclass
 class KeyRerotationPress(ScorerWrapperPress):
@@ -23,7 +26,9 @@ class KeyRerotationPress(ScorerWrapperPress):
     Cache: here the cache keeps every position and the question starts after the whole context (``k_len``), so kept
     key ``i`` (at position ``p_i``) is rotated in place by ``k_len - n + i - p_i`` positions (``rewrites_cache``).
     RoPE depends only on the distance, so every later query sees exactly kvpress's distances. The rotation uses the
-    model's ``inv_freq`` like kvpress (models with a partial RoPE or RoPE scaling factors on cos/sin are refused).
+    model's ``inv_freq`` like kvpress. A constant factor on cos and sin (YaRN's attention temperature) is already in
+    the cached keys and a rotation keeps it, so it needs nothing; a partial RoPE, and RoPE types whose frequencies
+    change with the sequence length (dynamic NTK, LongRoPE), are refused.
     """
 
     rewrites_cache: ClassVar[bool] = True
@@ -43,11 +48,13 @@ class KeyRerotationPress(ScorerWrapperPress):
 
 
 def rotary_inv_freq(model: nn.Module, press_name: str) -> torch.Tensor:
-    """The model's RoPE inverse frequencies (head_dim / 2,); a one-line error for a model without a plain RoPE."""
+    """The model's RoPE inverse frequencies (head_dim / 2,); a one-line error for a model whose frequencies are not
+    fixed (no rotary embedding, or a RoPE type that recomputes them with the sequence length)."""
     base = model.model if hasattr(model, "model") else model
     rotary = getattr(getattr(base, "language_model", base), "rotary_emb", None)
-    if rotary is None or getattr(rotary, "attention_scaling", 1.0) != 1.0:
-        raise PressError(f"{press_name} needs a model with a plain rotary embedding (no attention scaling)")
+    if rotary is None or getattr(rotary, "rope_type", "default") in LENGTH_DEPENDENT_ROPE:
+        raise PressError(f"{press_name} needs a model whose rotary frequencies do not change with the sequence length "
+                         f"(got rope_type {getattr(rotary, 'rope_type', None)!r})")
     return rotary.inv_freq
 
 

@@ -129,8 +129,10 @@ def test_cam_adds_merged_values_to_kept_tokens_only():
     assert changed.any() and not (changed & evicted).any()
 
 
-def test_key_rerotation_places_kept_keys_contiguously_before_the_question():
-    """A kept key must equal the pre-RoPE key rotated to position k_len - n + rank, as kvpress's distances say."""
+@pytest.mark.parametrize("architecture", ["llama", "llama_yarn"])
+def test_key_rerotation_places_kept_keys_contiguously_before_the_question(architecture):
+    """A kept key must equal the pre-RoPE key rotated to position k_len - n + rank, as kvpress's distances say (with
+    YaRN, whose attention temperature on cos and sin the cached key already carries)."""
     from conftest import make_model, random_ids
     from transformers import DynamicCache
 
@@ -138,7 +140,8 @@ def test_key_rerotation_places_kept_keys_contiguously_before_the_question():
     from presses.compat import hidden_states_from, model_cache_kwarg
     from presses.leverage_press import prerope_key_states
 
-    model = make_model("llama", "sdpa")
+    model = make_model(architecture, "sdpa")
+    assert model.model.rotary_emb.attention_scaling != 1.0 or architecture == "llama"
     attention = model.model.layers[0].self_attn
     seen = {}
     def capture(module, args, kwargs) -> None:
@@ -307,3 +310,16 @@ def test_new_presses_run_in_bfloat16_and_repeat_exactly_with_a_seed(name, tmp_pa
         assert press.achieved_compression_ratio > 0, name
     assert torch.equal(runs[0][0], runs[1][0])
     assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1], strict=True))
+
+
+def test_key_rerotation_refuses_a_rope_whose_frequencies_change_with_length():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from presses import KeyRerotationPress, KnormPress
+    from presses.errors import PressError
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                         rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
+    with pytest.raises(PressError, match="rope_type 'dynamic'"):
+        KeyRerotationPress(KnormPress(compression_ratio=0.5)).post_init_from_model(LlamaForCausalLM(config))
