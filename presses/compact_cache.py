@@ -146,6 +146,7 @@ class CompactLayer(DynamicLayer):
         else:  # cut into the pages: free their slots from ``length`` on
             cut = (self.page_positions >= length) & (self.page_positions != EMPTY)
             self.page_positions[cut] = EMPTY
+            self.page_bias = None
             self.holes += int(cut.sum())
             self.uniform = self.uniform and self.holes == 0
             self.recent_start, self.recent_len = length, 0
@@ -198,6 +199,7 @@ class CompactLayer(DynamicLayer):
         old_slots = max(1, self.page_positions.numel())
         self.page_keys, self.page_values = self.page_keys[pages], self.page_values[pages]
         self.page_positions, self.page_owner = self.page_positions[pages], page_owner
+        self.page_bias = None if self.page_bias is None else self.page_bias[pages]
         # Holes are counted per layer, not per row: scaled with the slots kept (it only decides when to repack).
         self.holes = self.holes * self.page_positions.numel() // old_slots
         self.recent_keys, self.recent_values = self.recent_keys[rows], self.recent_values[rows]
@@ -232,6 +234,7 @@ class CompactLayer(DynamicLayer):
             slot_positions = torch.where(occupied, self.page_positions, 0).long()
             freed = flat[self.page_owner[:, None], slot_positions] & occupied
             self.page_positions[freed] = EMPTY
+            self.page_bias = None
             self.holes += int(freed.sum())
             self.uniform = self.uniform and self.holes == 0
         recent = newly[..., start:start + self.recent_len]
@@ -309,6 +312,7 @@ class CompactLayer(DynamicLayer):
         self.page_keys = page_keys.view(n_pages, page, dim)
         self.page_values = page_values.view(n_pages, page, dim)
         self.page_positions = page_positions.view(n_pages, page)
+        self.page_bias = None  # (n_pages, 1, page): 0 at held slots, -inf at empty ones; built when first read
         self.page_owner = torch.arange(bh, device=keys.device).repeat_interleave(pages_per_owner)
         self.uniform = uniform  # one full page per (row, head), in order: no gather, no scatter
         self.batch, self.heads = batch, heads
@@ -348,11 +352,12 @@ class CompactLayer(DynamicLayer):
         return 2 * (self.page_keys.numel() + recent.numel()) * self.page_keys.element_size()
 
     def index_bytes(self) -> int:
-        """Bytes of bookkeeping beside the pairs (page positions and owners, recent eviction flags)."""
+        """Bytes of bookkeeping beside the pairs (page positions, owners and mask, recent eviction flags)."""
         if not self.packed:
             return 0
+        bias = 0 if self.page_bias is None else self.page_bias.numel() * self.page_bias.element_size()
         return (self.page_positions.numel() * 4 + self.page_owner.numel() * self.page_owner.element_size()
-                + self.recent_evicted[:, :, : self.recent_len].numel())
+                + self.recent_evicted[:, :, : self.recent_len].numel() + bias)
 
     def _note_peak(self) -> None:
         held = self.kv_bytes()
@@ -411,9 +416,14 @@ class CompactLayer(DynamicLayer):
             page_queries = queries
         else:
             page_queries = queries[self.page_owner]
-        page_logits = torch.bmm(page_queries, self.page_keys.transpose(1, 2)).float().mul_(scaling)
-        if not self.uniform:
-            page_logits.masked_fill_((self.page_positions == EMPTY)[:, None, :], float("-inf"))
+        if self.uniform:
+            page_logits = torch.bmm(page_queries, self.page_keys.transpose(1, 2)).float().mul_(scaling)
+        else:  # the empty slots' -inf added by the matmul itself: one pass over the logits instead of three
+            if self.page_bias is None:
+                self.page_bias = torch.zeros(self.page_positions.shape, dtype=query.dtype, device=query.device
+                                             ).masked_fill_(self.page_positions == EMPTY, float("-inf"))[:, None]
+            page_logits = torch.baddbmm(self.page_bias, page_queries, self.page_keys.transpose(1, 2),
+                                        alpha=scaling).float()
         # finite once combined: a query always sees its own token (or, for a caller without one, some pair)
         maximum = recent_logits.amax(-1) if r else recent_logits.new_full((bh, gq), float("-inf"))
         if self.uniform:

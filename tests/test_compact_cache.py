@@ -183,8 +183,15 @@ def test_compact_attention_equals_masked_dense_attention(head_wise):
     query = torch.randn(batch, heads * groups, 1, dim)
     expected = reference_attention(query, keys, values, later, 0.25)
     assert_attends_as(layer, query, expected)
+    # a few context pairs: their page slots are freed in place (no repack yet), and attention skips them at once
+    fewer = later.clone()
+    fewer[..., :200] |= torch.rand(batch, heads, 200) < 0.04
+    layer.apply_evictions(fewer)
+    assert 0 < layer.holes < layer.page_positions.numel() // 4
+    expected = reference_attention(query, keys, values, fewer, 0.25)
+    assert_attends_as(layer, query, expected)
     # many context pairs and more recent ones at once: the pages are repacked, and the recent evictions survive it
-    latest = later.clone()
+    latest = fewer.clone()
     latest[..., :150] |= scores[..., :150] < 0.9
     latest[..., 290:295] = True
     layer.apply_evictions(latest)
@@ -198,8 +205,13 @@ def test_compact_attention_equals_masked_dense_attention(head_wise):
     assert held == 2 * 4 * dim * layer.page_positions.numel()
     assert layer.page_positions.numel() <= int(kept.sum()) + (page_size(int(kept.sum()) / (batch * heads)) - 1) * (
         batch * heads)
-    layer.crop(-100)  # back to the context
+    layer.crop(-100)  # back to the context: the pages' slots past it are freed, then a new question is read
     assert layer.get_seq_length() == 200
+    layer.update(keys[:, :, 200:201], values[:, :, 200:201])
+    query = torch.randn(batch, heads * groups, 1, dim)
+    kept_context = torch.cat([latest[..., :200], torch.zeros(batch, heads, 1, dtype=torch.bool)], dim=-1)
+    assert_attends_as(layer, query, reference_attention(query, keys[:, :, :201], values[:, :, :201], kept_context,
+                                                        0.25))
 
 
 def test_compact_cache_works_under_model_generate(kvtiny, needles):
@@ -345,6 +357,7 @@ def test_selecting_rows_of_a_packed_layer_keeps_their_pairs(head_wise):
         evicted[..., ::2] = True
     rows = torch.tensor([2, 0, 0, 1])
     layer = CompactLayer.from_dense(keys, values, evicted)
+    layer.attend(torch.randn(3, 4, 1, 8, generator=generator), 0.3)  # builds what the kernel keeps beside the pages
     layer.batch_select_indices(rows)
     expected = CompactLayer.from_dense(keys[rows], values[rows], evicted[rows])
     assert layer.uniform == (not head_wise)
