@@ -106,3 +106,16 @@ def _tiny_tokenizer():
         eos_token_id, pad_token_id = 2, 0
 
     return Tokenizer()
+
+
+def test_rope_scaling_reaches_the_saved_model(tmp_path):
+    """Phase 2 can extend a model's RoPE (YaRN): the saved config carries it, so loading applies it."""
+    first, second = tmp_path / "phase1", tmp_path / "phase2"
+    train(str(first), smoke=True)
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512}
+    train(str(second), smoke=True, init_from=str(first), long_stages=[[768, 1]], eval_every=100, rope_scaling=yarn)
+    loaded = AutoModelForCausalLM.from_pretrained(str(second))
+    assert loaded.config.rope_parameters["rope_type"] == "yarn"
+    assert loaded.model.rotary_emb.attention_scaling > 1  # YaRN's attention temperature is on
+    plain = AutoModelForCausalLM.from_pretrained(str(first))
+    assert plain.config.rope_parameters["rope_type"] == "default"

@@ -16,6 +16,7 @@ What it builds, in order:
 4. optionally (``long_stages``, empty by default: the shipped kvtiny has no second phase yet), a second phase that
    extends the model to longer contexts: a fresh warmup and cosine schedule at a lower learning rate, multi-key
    retrieval weighted up, and a ``replay`` share of steps at shorter lengths against forgetting the short ones.
+   ``rope_scaling`` (e.g. YaRN) changes the model's RoPE for the run, phase 1's weights included.
    ``--init_from`` a directory holding phase 1's weights (the shipped 1,024-token kvtiny) skips phase 1: the run
    starts at phase 2's first step with the same data and fresh optimizer state it would have had after training
    phase 1 itself (sampler and optimizer are renewed at the phase boundary in both cases).
@@ -63,6 +64,10 @@ class TrainConfig:
     num_kv_heads: int = 2
     head_dim: int = 32
     rope_theta: float = 10000.0
+    # Extra RoPE parameters merged over the default rotation, e.g. {"rope_type": "yarn", "factor": 4.0,
+    # "original_max_position_embeddings": 1024} to extend a 1,024-token model: YaRN interpolates the low frequencies
+    # and sharpens attention (its temperature), which a long context's many distractors need. Empty: plain RoPE.
+    rope_scaling: dict = field(default_factory=dict)
     # (context length in tokens, optimizer steps) per curriculum stage, short to long.
     stages: list = field(default_factory=lambda: [[128, 1000], [256, 1500], [512, 1500], [1024, 2000]])
     tokens_per_batch: int = 4096
@@ -139,7 +144,8 @@ def build_model(config: TrainConfig, tokenizer: PreTrainedTokenizerFast) -> Qwen
         vocab_size=len(tokenizer), hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
         num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
         num_key_value_heads=config.num_kv_heads, head_dim=config.head_dim, max_position_embeddings=4096,
-        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta}, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta, **config.rope_scaling},
+        tie_word_embeddings=True,
         bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(config.seed)
