@@ -85,7 +85,7 @@ class TrainConfig:
     tokenizer_corpus_samples: int = 40
     # Phase 2, after ``stages``: (length, steps) stages with their own warmup and cosine schedule from
     # ``long_learning_rate`` (lower than phase 1's: it refines a trained model) down to ``min_learning_rate``.
-    # Empty by default: the one tried (README, "Towards 4,096 tokens") cost too much at 1,024 tokens to ship.
+    # Empty by default: the runs tried (README, "Towards 4,096 tokens") cost too much at 1,024 tokens to ship.
     long_stages: list = field(default_factory=list)
     long_learning_rate: float = 5e-4
     long_warmup_steps: int = 50
