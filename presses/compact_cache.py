@@ -25,8 +25,9 @@ from the model (the cache reports the logical length, tokens seen so far, not th
 mirrored from the press's logical mask (batch, kv_heads, tokens seen) by :meth:`CompactLayer.apply_evictions`.
 
 Attention: the dense prefill uses the model's own kernel (sdpa, flash-attention, eager). Later forwards attend to
-the pages and the recent region at once (:meth:`CompactLayer.attend`): one batched matmul per region, a max and a
-sum per (row, head) combined across pages with ``scatter_reduce``/``index_add``, softmax in float32. The cost of a
+the pages and the recent region at once (:meth:`CompactLayer.attend`): one batched matmul per region (head-wise
+pages add their empty slots' ``-inf`` inside it, from a bias kept beside the pages), a max and a sum per (row, head)
+combined across pages with ``scatter_reduce``/``index_add``, softmax in float32. The cost of a
 step is proportional to the pairs held, and nothing in it grows with the eviction history. A packed layer tags the
 keys its ``update`` returns with itself, which is how the attention finds it: transformers' sdpa and
 flash-attention are registered through :func:`reading_compact_layers`, which sends a packed layer to the compact
