@@ -348,6 +348,20 @@ def test_a_cache_a_press_ran_on_can_be_copied_and_pickled(kvtiny, storage):
         torch.testing.assert_close(logits[1], logits[0])
 
 
+def test_beam_search_with_a_decoding_press_is_storage_independent(kvtiny):
+    """Beams evict different pairs while decoding; reorders move each beam's evictions and buffers with it."""
+    model, _ = kvtiny
+    prompt = torch.randint(10, 4000, (2, 300), generator=torch.Generator().manual_seed(0))
+    outputs = {}
+    for storage in ("mask", "compact"):
+        press = DecodingPress(KnormPress(), compression_interval=4, target_size=200)
+        with press(model, kv_storage=storage):
+            outputs[storage] = model.generate(prompt, max_new_tokens=20, num_beams=3, do_sample=False,
+                                              **{compat.model_cache_kwarg(): DynamicCache(config=model.config)})
+        assert press.achieved_compression_ratio > 0.3
+    assert torch.equal(outputs["mask"], outputs["compact"])
+
+
 @pytest.mark.parametrize("head_wise", [False, True])
 def test_selecting_rows_of_a_packed_layer_keeps_their_pairs(head_wise):
     generator = torch.Generator().manual_seed(0)
