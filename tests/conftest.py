@@ -41,7 +41,7 @@ SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_att
 ARCHITECTURES = {
     "llama": (LlamaConfig, LlamaForCausalLM, {"head_dim": 16}),
     "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 16}),
-    # YaRN: interpolated frequencies and an attention temperature on cos and sin (the embedded model's RoPE type).
+    # YaRN: interpolated frequencies and an attention temperature on cos and sin (how issue 19 extends kvtiny to 4k).
     "llama_yarn": (LlamaConfig, LlamaForCausalLM, {"head_dim": 16, "rope_parameters": {
         "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 256}}),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),

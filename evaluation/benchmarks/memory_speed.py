@@ -11,7 +11,7 @@ On CPU, transformers' sdpa path copies each KV head for its query group (``repea
 compact kernel does not, so ``compact step`` can beat the physical bound; ``same kernel`` isolates what freeing
 pairs saves. ``floor bound`` counts what a step costs whatever its cache (the same kernel over 16 cached pairs, timed
 in the same rounds: weights, Python, kernel launches) as a share that cannot shrink, and the rest as shrinking with
-the bytes held: on kvtiny a step is mostly such fixed costs, so the bytes bound is out of reach there.
+the bytes held: on kvtiny a batch-1 step is mostly such fixed costs, so the bytes bound is out of reach there.
 
 The cache is filled with random keys and values (a step's time does not depend on their content); each press
 decides on them from random hidden states (kvzap_mlp: the threshold is set at the median score, for ~50%).
