@@ -16,7 +16,7 @@ import torch
 
 from evaluation.embedded.train import COPY_TASK, evaluate
 from evaluation.models import load_model
-from presses.compat import model_cache_kwarg
+from presses.compat import cache_from_output, model_cache_kwarg
 
 TASKS = ("niah_single_1", "niah_multikey_2", "niah_multikey_3", "vt", "fwe", "cwe", COPY_TASK)
 
@@ -28,11 +28,11 @@ def speed(model, tokens: int = 1024, new_tokens: int = 64) -> tuple[float, float
     start = time.perf_counter()
     output = model(input_ids=ids, use_cache=True)
     prefill = time.perf_counter() - start
-    cache, next_id = output.past_key_values, output.logits[:, -1:].argmax(-1)
+    cache, next_id = cache_from_output(output), output.logits[:, -1:].argmax(-1)
     start = time.perf_counter()
     for _ in range(new_tokens):
         output = model(input_ids=next_id, **{model_cache_kwarg(): cache}, use_cache=True)
-        cache, next_id = output.past_key_values, output.logits[:, -1:].argmax(-1)
+        cache, next_id = cache_from_output(output), output.logits[:, -1:].argmax(-1)
     return tokens / prefill, new_tokens / (time.perf_counter() - start)
 
 
