@@ -11,12 +11,15 @@ from evaluation.embedded.train import (
     COPY_TASK,
     REPEAT_INSTRUCTION,
     SMOKE,
+    TaskSampler,
     TrainConfig,
     batch_loss,
     build_model,
     encode_example,
+    is_far_needle,
     train,
 )
+from evaluation.models import EMBEDDED_MODELS
 
 
 def test_smoke_training_saves_a_loadable_model_and_resumes(tmp_path):
@@ -119,3 +122,15 @@ def test_rope_scaling_reaches_the_saved_model(tmp_path):
     assert loaded.model.rotary_emb.attention_scaling > 1  # YaRN's attention temperature is on
     plain = AutoModelForCausalLM.from_pretrained(str(first))
     assert plain.config.rope_parameters["rope_type"] == "default"
+
+
+def test_far_needle_share_resamples_multi_key_depths_and_leaves_other_tasks_alone():
+    tokenizer = AutoTokenizer.from_pretrained(str(EMBEDDED_MODELS["kvtiny"]))
+
+    def far_share(task: str, share: float | None) -> float:
+        sampler = TaskSampler(TrainConfig(far_needle_share=share, pool_size=16), tokenizer, seed=0)
+        return sum(is_far_needle(sampler._draw(task, 512)) for _ in range(60)) / 60
+
+    uniform, resampled = far_share("niah_multikey_2", None), far_share("niah_multikey_2", 0.8)
+    assert 0.15 < uniform < 0.5 < 0.65 < resampled  # about a third, then about 0.8
+    assert far_share("niah_single_1", 0.8) < 0.5  # single needles keep the generator's uniform depths

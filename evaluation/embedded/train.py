@@ -101,6 +101,10 @@ class TrainConfig:
     # answer has as many tokens as its context (hundreds to thousands) and a retrieval answer about ten, so a
     # token mean gives a batch's needles almost no weight beside one copy. False reproduces the shipped kvtiny.
     loss_per_example: bool = False
+    # Share of multi-key retrieval records whose first answer lies in the context's first third (the generator puts
+    # needles at uniform depth: a third). At 4,096 tokens the misses are needles 3,000+ tokens before the question;
+    # a larger share trains on them more often. None keeps the generator's uniform depths (the shipped kvtiny).
+    far_needle_share: float | None = None
 
 
 SMOKE = dict(vocab_size=400, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1,
@@ -184,6 +188,11 @@ def prompt_records(task: str, tokenizer, prompt_tokens: int, n: int, seed: int) 
     return generate_task(task, tokenizer, prompt_tokens + get_task(task).max_new_tokens, n, seed=seed)
 
 
+def is_far_needle(record: dict) -> bool:
+    """Whether the record's first answer lies in the first third of its context (farthest from the question)."""
+    return 0 <= record["context"].find(record["answer"][0]) < len(record["context"]) / 3
+
+
 class TaskSampler:
     """Draws records by task weight; records come from the RULER generator in pools, each used once.
 
@@ -202,11 +211,22 @@ class TaskSampler:
 
     def _draw(self, task: str, length: int) -> dict:
         pool = self.pools.setdefault((task, length), [])
-        if not pool:
-            pool.extend(prompt_records(task, self.tokenizer, length, self.config.pool_size,
-                                       seed=self.random.randrange(2**31)))
+        while not pool:
+            records = prompt_records(task, self.tokenizer, length, self.config.pool_size,
+                                     seed=self.random.randrange(2**31))
+            pool.extend(self._resample_depths(task, records))
             self.random.shuffle(pool)
         return pool.pop()
+
+    def _resample_depths(self, task: str, records: list[dict]) -> list[dict]:
+        """Keep every far-needle record and a share of the others, so far ones make ``far_needle_share`` of them."""
+        share = self.config.far_needle_share
+        if share is None or not task.startswith("niah_multikey"):
+            return records
+        # Uniform depths put a third in the first third: keeping the others with probability (1 - s) / (2 s)
+        # makes the far ones a share s of what is kept.
+        keep_near = min(1.0, (1 - share) / (2 * share))
+        return [r for r in records if is_far_needle(r) or self.random.random() < keep_near]
 
     def active_tasks(self, length: int) -> list[str]:
         return [t for t in self.tasks if (t, length) not in self.too_long]
