@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from evaluation.config import ConfigError
 from evaluation.embedded.train import (
     COPY_TASK,
     REPEAT_INSTRUCTION,
@@ -134,3 +138,18 @@ def test_far_needle_share_resamples_multi_key_depths_and_leaves_other_tasks_alon
     uniform, resampled = far_share("niah_multikey_2", None), far_share("niah_multikey_2", 0.8)
     assert 0.15 < uniform < 0.5 < 0.65 < resampled  # about a third, then about 0.8
     assert far_share("niah_single_1", 0.8) < 0.5  # single needles keep the generator's uniform depths
+
+
+def test_a_share_outside_its_range_is_a_one_line_error_before_anything_is_written(tmp_path):
+    with pytest.raises(ConfigError, match="far_needle_share"):
+        TrainConfig(far_needle_share=0)
+    with pytest.raises(ConfigError, match="replay"):
+        TrainConfig(replay=1.5)
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "evaluation.embedded.train", "--output_dir", str(out),
+                           "--far_needle_share", "1.5"], capture_output=True, text=True)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "train: --far_needle_share 1.5 is not a share: give a number in (0, 1], or leave it out for the generator's "
+        "uniform depths"]
+    assert not out.exists()

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
+from evaluation.config import ConfigError
 from evaluation.datasets.ruler_synthetic import common_words, generate_task, get_task
 from evaluation.metrics.ruler import string_match_all
 
@@ -105,6 +107,13 @@ class TrainConfig:
     # needles at uniform depth: a third). At 4,096 tokens the misses are needles 3,000+ tokens before the question;
     # a larger share trains on them more often. None keeps the generator's uniform depths (the shipped kvtiny).
     far_needle_share: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.far_needle_share is not None and not 0 < self.far_needle_share <= 1:
+            raise ConfigError(f"--far_needle_share {self.far_needle_share} is not a share: give a number in (0, 1], "
+                              "or leave it out for the generator's uniform depths")
+        if not 0 <= self.replay <= 1:
+            raise ConfigError(f"--replay {self.replay} is not a share: give a number in [0, 1]")
 
 
 SMOKE = dict(vocab_size=400, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1,
@@ -491,5 +500,12 @@ def train(output_dir: str, smoke: bool = False, max_minutes: float | None = None
     return {"step": step, "total_steps": total_steps}
 
 
+def main() -> None:
+    try:
+        fire.Fire(train)
+    except ConfigError as error:
+        sys.exit(f"train: {error}")
+
+
 if __name__ == "__main__":
-    fire.Fire(train)
+    main()
