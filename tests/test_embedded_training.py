@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import asdict
 
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from evaluation.config import ConfigError
@@ -22,6 +24,7 @@ from evaluation.embedded.train import (
     encode_example,
     is_far_needle,
     train,
+    train_recipe,
 )
 from evaluation.models import EMBEDDED_MODELS
 
@@ -153,3 +156,39 @@ def test_a_share_outside_its_range_is_a_one_line_error_before_anything_is_writte
         "train: --far_needle_share 1.5 is not a share: give a number in (0, 1], or leave it out for the generator's "
         "uniform depths"]
     assert not out.exists()
+
+
+def test_a_recipe_chains_runs_from_each_others_weights_and_a_rerun_resumes(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("runs:\n"
+                      "  - {name: base, smoke: true}\n"
+                      "  - {name: longer, smoke: true, long_stages: [[768, 2]], replay: 0.0, eval_every: 100}\n")
+    out = tmp_path / "out"
+    assert train_recipe(str(recipe), str(out)) == {"step": 7, "total_steps": 7}
+    assert json.loads((out / "longer" / "train_config.json").read_text())["init_from"] == str(out / "base")
+    longer_log = (out / "longer" / "training_log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in longer_log] == [6, 7]  # phase 1 came from base's weights
+    base_log = (out / "base" / "training_log.jsonl").read_text()
+    train_recipe(str(recipe), str(out))  # finished runs are passed over, not retrained
+    assert (out / "base" / "training_log.jsonl").read_text() == base_log
+    assert (out / "longer" / "training_log.jsonl").read_text().splitlines() == longer_log
+
+    recipe.write_text("runs:\n  - {smoke: true}\n")
+    with pytest.raises(ConfigError, match="needs a name"):
+        train_recipe(str(recipe), str(out))
+    done = subprocess.run([sys.executable, "-m", "evaluation.embedded.train", "recipe", "--recipe",
+                           str(tmp_path / "missing.yaml"), "--output_dir", str(out)], capture_output=True, text=True)
+    assert done.returncode != 0 and len(done.stderr.strip().splitlines()) == 1 and "missing.yaml" in done.stderr
+
+
+def test_the_4k_recipe_holds_the_settings_its_committed_runs_logged():
+    """The one-command recipe must stay the runs whose weights and held-out results are committed."""
+    embedded = EMBEDDED_MODELS["kvtiny"].parent
+    recipe = yaml.safe_load((embedded / "recipes" / "kvtiny-4k.yaml").read_text())
+    assert [run["name"] for run in recipe["runs"]] == ["d", "e", "f"]
+    for run in recipe["runs"]:
+        settings = {key: value for key, value in run.items() if key != "name"}
+        run_dir = embedded / "experiments" / f"issue19-phase2{run['name']}"
+        logged = json.loads((run_dir / "train_config.json").read_text())
+        logged.pop("init_from")
+        assert asdict(TrainConfig(**settings)) == {**asdict(TrainConfig()), **logged}, run["name"]

@@ -4,6 +4,8 @@
     python -m evaluation.embedded.train --output_dir /tmp/smoke --smoke   # seconds: a tiny end-to-end check
     python -m evaluation.embedded.train --output_dir runs/kvtiny-4k --init_from evaluation/embedded/kvtiny \
         --long_stages '[[1024, 250], [2048, 450], [4096, 900]]'         # phase 2 only (experimental, see README)
+    python -m evaluation.embedded.train recipe --recipe evaluation/embedded/recipes/kvtiny-4k.yaml \
+        --output_dir runs/kvtiny-4k                                     # several runs, each from the last one's weights
 
 What it builds, in order:
 1. a byte-level BPE tokenizer (digits are single tokens, so a 7-digit value is 7 tokens) trained on text from the
@@ -36,6 +38,7 @@ from pathlib import Path
 
 import fire
 import torch
+import yaml
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
@@ -500,9 +503,37 @@ def train(output_dir: str, smoke: bool = False, max_minutes: float | None = None
     return {"step": step, "total_steps": total_steps}
 
 
+def train_recipe(recipe: str, output_dir: str, max_minutes: float | None = None) -> dict:
+    """Run a recipe's runs in order, each from the previous one's saved weights: one command for a model that took
+    several runs to make. Each run trains into ``output_dir/<name>``, so rerunning the command resumes the run it
+    stopped in and passes over the finished ones (their checkpoints say they are done).
+
+    A recipe is YAML: ``init_from`` (the first run's starting weights; leave it out to start with phase 1) and
+    ``runs``, a list of ``train`` keyword arguments, each with a ``name``. Returns the last run's step counts.
+    """
+    spec = yaml.safe_load(Path(recipe).read_text()) if Path(recipe).is_file() else None
+    if not isinstance(spec, dict) or not spec.get("runs"):
+        raise ConfigError(f"--recipe {recipe}: not a YAML file with a list of runs: see "
+                          "evaluation/embedded/recipes/ for an example")
+    init_from, result = spec.get("init_from"), {}
+    for run in spec["runs"]:
+        settings = dict(run)
+        name = settings.pop("name", None)
+        if not name:
+            raise ConfigError(f"--recipe {recipe}: every run needs a name (its folder under --output_dir)")
+        result = train(str(Path(output_dir) / name), max_minutes=max_minutes, init_from=init_from, **settings)
+        if result["step"] < result["total_steps"]:  # out of time: the rerun resumes here
+            return result
+        init_from = str(Path(output_dir) / name)
+    return result
+
+
 def main() -> None:
     try:
-        fire.Fire(train)
+        if sys.argv[1:2] == ["recipe"]:
+            fire.Fire(train_recipe, command=sys.argv[2:])
+        else:
+            fire.Fire(train)
     except ConfigError as error:
         sys.exit(f"train: {error}")
 
