@@ -176,6 +176,9 @@ def test_a_recipe_chains_runs_from_each_others_weights_and_a_rerun_resumes(tmp_p
     recipe.write_text("runs:\n  - {smoke: true}\n")
     with pytest.raises(ConfigError, match="needs a name"):
         train_recipe(str(recipe), str(out))
+    recipe.write_text("runs:\n  - {name: other, smoke: true, init_from: somewhere}\n")
+    with pytest.raises(ConfigError, match="sets init_from"):
+        train_recipe(str(recipe), str(out))
     done = subprocess.run([sys.executable, "-m", "evaluation.embedded.train", "recipe", "--recipe",
                            str(tmp_path / "missing.yaml"), "--output_dir", str(out)], capture_output=True, text=True)
     assert done.returncode != 0 and len(done.stderr.strip().splitlines()) == 1 and "missing.yaml" in done.stderr

@@ -521,6 +521,9 @@ def train_recipe(recipe: str, output_dir: str, max_minutes: float | None = None)
         name = settings.pop("name", None)
         if not name:
             raise ConfigError(f"--recipe {recipe}: every run needs a name (its folder under --output_dir)")
+        if "init_from" in settings:
+            raise ConfigError(f"--recipe {recipe}: run {name} sets init_from; a run starts from the previous run, "
+                              "and the first from the recipe's top-level init_from")
         result = train(str(Path(output_dir) / name), max_minutes=max_minutes, init_from=init_from, **settings)
         if result["step"] < result["total_steps"]:  # out of time: the rerun resumes here
             return result
