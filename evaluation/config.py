@@ -197,11 +197,11 @@ def expand_datasets(datasets: list[str], ruler_length: int | list[int]) -> list[
     return list(dict.fromkeys(expanded))
 
 
-def read_yaml(path: str) -> dict:
-    """The settings of a YAML sweep file, or a one-line error."""
+def read_yaml(path: str, option: str = "--config") -> dict:
+    """The settings of a YAML file given to ``option`` (a sweep file by default), or a one-line error."""
     file = Path(path)
     if not file.is_file():
-        raise ConfigError(f"config file '{path}' does not exist: check the path given to --config")
+        raise ConfigError(f"config file '{path}' does not exist: check the path given to {option}")
     try:
         settings = yaml.safe_load(file.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as error:

@@ -38,12 +38,11 @@ from pathlib import Path
 
 import fire
 import torch
-import yaml
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
-from evaluation.config import ConfigError
+from evaluation.config import ConfigError, read_yaml
 from evaluation.datasets.ruler_synthetic import common_words, generate_task, get_task
 from evaluation.metrics.ruler import string_match_all
 
@@ -511,8 +510,8 @@ def train_recipe(recipe: str, output_dir: str, max_minutes: float | None = None)
     A recipe is YAML: ``init_from`` (the first run's starting weights; leave it out to start with phase 1) and
     ``runs``, a list of ``train`` keyword arguments, each with a ``name``. Returns the last run's step counts.
     """
-    spec = yaml.safe_load(Path(recipe).read_text()) if Path(recipe).is_file() else None
-    if not isinstance(spec, dict) or not spec.get("runs"):
+    spec = read_yaml(recipe, option="--recipe")
+    if not spec.get("runs"):
         raise ConfigError(f"--recipe {recipe}: not a YAML file with a list of runs: see "
                           "evaluation/embedded/recipes/ for an example")
     init_from, result = spec.get("init_from"), {}
@@ -524,10 +523,11 @@ def train_recipe(recipe: str, output_dir: str, max_minutes: float | None = None)
         if "init_from" in settings:
             raise ConfigError(f"--recipe {recipe}: run {name} sets init_from; a run starts from the previous run, "
                               "and the first from the recipe's top-level init_from")
-        result = train(str(Path(output_dir) / name), max_minutes=max_minutes, init_from=init_from, **settings)
+        run_dir = str(Path(output_dir) / name)
+        result = train(run_dir, max_minutes=max_minutes, init_from=init_from, **settings)
         if result["step"] < result["total_steps"]:  # out of time: the rerun resumes here
             return result
-        init_from = str(Path(output_dir) / name)
+        init_from = run_dir
     return result
 
 
