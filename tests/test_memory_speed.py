@@ -1,0 +1,29 @@
+"""The memory and speed benchmark's measurements on a tiny random model: fields consistent, references pooled."""
+
+import torch
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from evaluation.benchmarks import memory_speed
+from presses.kvzap_press import KVzapConfig, KVzapModel
+
+
+def test_measure_shape_rows_are_consistent():
+    torch.manual_seed(0)
+    config = Qwen3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16, vocab_size=128, attn_implementation="sdpa")
+    model = Qwen3ForCausalLM(config).eval()
+    surrogate = KVzapModel(KVzapConfig(input_dim=64, output_dim=2, n_modules=2, hidden_dim=32)).eval()
+    with torch.no_grad():
+        rows = memory_speed.measure_shape(model, surrogate, batch=2, n=1024, repeats=1)
+    by_press = {row["press"]: row for row in rows}
+    assert set(by_press) == set(memory_speed.PRESSES)
+    for row in rows:
+        assert 0.4 <= row["achieved"] <= 0.6  # kvzap_mlp: half of what its 128-token window leaves
+        assert 1 - row["achieved"] - 1e-6 <= row["kv_bytes_ratio"] <= 1
+        assert row["kv_bytes_ratio"] <= row["floor_bound"] <= 1
+        assert row["bound"] <= 1 and row["compact_step_ratio"] > 0 and row["same_kernel_ratio"] > 0
+    # same count per head: exactly half the bytes
+    assert by_press["knorm"]["kv_bytes_ratio"] == 0.5
+    # the dense references are pooled over the shape's rounds: one value for every press
+    assert len({row["kernel_vs_sdpa"] for row in rows}) == 1
+    assert len({row["dense_step_ms"] for row in rows}) == 1
