@@ -37,9 +37,11 @@ def needle_accuracy(model, tokenizer, name: str, kwargs: dict, records: list[dic
     return 100 * correct / len(records), achieved / len(records)
 
 
-def main(n: int = 50, seed: int = 2025, length: int = 1024, presses: str | tuple | None = None) -> None:
+def main(n: int = 50, seed: int = 2025, length: int = 1024, presses: str | tuple | None = None,
+         model: str = "kvtiny") -> None:
+    """``--model``: the embedded name or a local folder holding the model and its artifacts (``kvzap-mlp/``, ...)."""
     torch.manual_seed(0)
-    model, tokenizer = load_model("kvtiny", "cpu", "float32")
+    model, tokenizer = load_model(model, "cpu", "float32")
     records = generate_task("niah_single_1", tokenizer, length, n, seed=seed)
     names = presses.split(",") if isinstance(presses, str) else presses
     chosen = [p for p in PRESSES if names is None or p[0] in names]
