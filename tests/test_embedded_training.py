@@ -188,7 +188,7 @@ def test_the_4k_recipe_holds_the_settings_its_committed_runs_logged():
     """The one-command recipe must stay the runs whose weights and held-out results are committed."""
     embedded = EMBEDDED_MODELS["kvtiny"].parent
     recipe = yaml.safe_load((embedded / "recipes" / "kvtiny-4k.yaml").read_text())
-    assert [run["name"] for run in recipe["runs"]] == ["d", "e", "g", "h"]
+    assert [run["name"] for run in recipe["runs"]] == ["d", "e", "g", "h", "i"]
     for run in recipe["runs"]:
         settings = {key: value for key, value in run.items() if key != "name"}
         run_dir = embedded / "experiments" / f"issue19-phase2{run['name']}"
