@@ -9,10 +9,9 @@ from dataclasses import asdict
 
 import pytest
 import torch
-import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from evaluation.config import ConfigError
+from evaluation.config import ConfigError, read_yaml
 from evaluation.embedded.train import (
     COPY_TASK,
     REPEAT_INSTRUCTION,
@@ -187,7 +186,7 @@ def test_a_recipe_chains_runs_from_each_others_weights_and_a_rerun_resumes(tmp_p
 def test_the_4k_recipe_holds_the_settings_its_committed_runs_logged():
     """The one-command recipe must stay the runs whose weights and held-out results are committed."""
     embedded = EMBEDDED_MODELS["kvtiny"].parent
-    recipe = yaml.safe_load((embedded / "recipes" / "kvtiny-4k.yaml").read_text())
+    recipe = read_yaml(str(embedded / "recipes" / "kvtiny-4k.yaml"), option="--recipe")
     assert [run["name"] for run in recipe["runs"]] == ["d", "e", "g", "h", "i"]
     for run in recipe["runs"]:
         settings = {key: value for key, value in run.items() if key != "name"}

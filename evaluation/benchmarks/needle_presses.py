@@ -41,13 +41,13 @@ def main(n: int = 50, seed: int = 2025, length: int = 1024, presses: str | tuple
          model: str = "kvtiny") -> None:
     """``--model``: the embedded name or a local folder holding the model and its artifacts (``kvzap-mlp/``, ...)."""
     torch.manual_seed(0)
-    model, tokenizer = load_model(model, "cpu", "float32")
+    loaded, tokenizer = load_model(model, "cpu", "float32")
     records = generate_task("niah_single_1", tokenizer, length, n, seed=seed)
     names = presses.split(",") if isinstance(presses, str) else presses
     chosen = [p for p in PRESSES if names is None or p[0] in names]
     print(f"{'press':<26} {'setting':<28} {'accuracy':>8} {'achieved':>9}")
     for name, kwargs in chosen:
-        accuracy, achieved = needle_accuracy(model, tokenizer, name, kwargs, records)
+        accuracy, achieved = needle_accuracy(loaded, tokenizer, name, kwargs, records)
         setting = ", ".join(f"{k}={v}" for k, v in kwargs.items() if k != "seed") or "-"
         print(f"{name:<26} {setting:<28} {accuracy:>8.1f} {achieved:>9.3f}", flush=True)
 
