@@ -50,7 +50,7 @@ class EvalConfig:
                                           "streaming heads, in [0, 1]", factory=True)
     dataset: list = option(["ruler"], "datasets: ruler, longbench, longbench_e (or longbench-e), longbench-v2, "
                            "loogle, zero_scrolls, infinitebench, needle_in_haystack, aime25, math500", factory=True)
-    ruler_length: int | list = option(1024, "context length in tokens of RULER generated offline; several "
+    ruler_length: int | list = option(4096, "context length in tokens of RULER generated offline; several "
                                       "(1024,4096) make one dataset per length: ruler-1024, ruler-4096")
     ruler_tasks: list = option([], "RULER tasks (default: every task that needs no data file)", factory=True)
     essay_path: str | None = option(None, "RULER: essay text for the essay-haystack NIAH tasks (enables them)")

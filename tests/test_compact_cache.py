@@ -99,7 +99,11 @@ def test_head_wise_presses_hold_pages_close_to_their_kept_pairs(kvtiny, needles,
     assert kept <= held <= held_bound(kept, n_tokens)
 
 
-def test_positions_stay_right_after_compaction_needles_are_still_found(kvtiny, needles):
+def test_positions_stay_right_after_compaction_needles_are_still_found(kvtiny):
+    # At 1,024 tokens threshold -4 evicts about 72% of kvtiny's pairs and masked storage still finds both needles.
+    # Retrieval is a coarse check of positions: with RoPE base 500,000, new tokens placed ~650 positions early still
+    # found these needles. The exact check is the storage-identity tests above, which such an error fails.
+    needles = generate_task("niah_single_1", kvtiny[1], 1024, num_samples=2, seed=3)
     found = {}
     for storage in ("mask", "compact"):
         answers = [answer(kvtiny, record, build_press("kvzap_mlp", threshold=-4.0), storage, questions=1)[0][0]

@@ -41,10 +41,12 @@ def test_ships_weights_tokenizer_and_chat_template(kvtiny):
     assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 
 
-@pytest.mark.parametrize("task", ["niah_single_1", "niah_multikey_2"])
-def test_answers_held_out_needles_at_1024_tokens(kvtiny, task):
+@pytest.mark.parametrize(("task", "length"), [("niah_single_1", 1024), ("niah_multikey_2", 1024),
+                                              ("niah_single_1", 4096), ("vt", 4096)])
+def test_answers_held_out_needles(kvtiny, task, length):
+    """A handful of held-out samples at the trained lengths, 1,024 and 4,096 tokens (RoPE base 500,000)."""
     model, tokenizer = kvtiny
-    records = generate_task(task, tokenizer, 1024, 5, seed=2024)
+    records = generate_task(task, tokenizer, length, 5, seed=2024)
     correct = [string_match_all(answer(model, tokenizer, record), record["answer"]) for record in records]
     assert sum(correct) >= 4, correct
 

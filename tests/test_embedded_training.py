@@ -188,6 +188,8 @@ def test_the_4k_recipe_holds_the_settings_its_committed_runs_logged():
     embedded = EMBEDDED_MODELS["kvtiny"].parent
     recipe = read_yaml(str(embedded / "recipes" / "kvtiny-4k.yaml"), option="--recipe")
     assert [run["name"] for run in recipe["runs"]] == ["d", "e", "g", "h", "i"]
+    start = json.loads((embedded.parents[1] / recipe["init_from"] / "train_config.json").read_text())
+    assert "init_from" not in start and not start.get("long_stages"), "the recipe starts from phase 1 alone (kvtiny v1)"
     for run in recipe["runs"]:
         settings = {key: value for key, value in run.items() if key != "name"}
         run_dir = embedded / "experiments" / f"issue19-phase2{run['name']}"

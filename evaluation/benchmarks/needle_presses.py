@@ -1,8 +1,9 @@
 """Single-needle retrieval on kvtiny at one compression level: ``python -m evaluation.benchmarks.needle_presses``.
 
-RULER ``niah_single_1`` at 1,024 tokens, ``--n`` held-out samples, greedy, exact answer (string_match_all); each press
-at its knob's 50% point (``head_compression_ratio`` for DuoAttention, ``threshold`` for kvzap_mlp). Prints accuracy
-and the compression each press achieved. This is the check behind the README's artifact-press numbers.
+RULER ``niah_single_1`` at ``--length`` tokens (1,024 by default), ``--n`` held-out samples, greedy, exact answer
+(string_match_all); each press at its knob's 50% point (``head_compression_ratio`` for DuoAttention, ``threshold``
+for kvzap_mlp). Prints accuracy and the compression each press achieved. This is the check behind the README's
+artifact-press numbers.
 """
 
 from __future__ import annotations

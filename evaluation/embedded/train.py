@@ -2,8 +2,9 @@
 
     python -m evaluation.embedded.train --output_dir runs/kvtiny          # full run; resumes from its checkpoint
     python -m evaluation.embedded.train --output_dir /tmp/smoke --smoke   # seconds: a tiny end-to-end check
-    python -m evaluation.embedded.train --output_dir runs/kvtiny-4k --init_from evaluation/embedded/kvtiny \
-        --long_stages '[[1024, 250], [2048, 450], [4096, 900]]'         # phase 2 only (experimental, see README)
+    python -m evaluation.embedded.train --output_dir runs/kvtiny-4k-d \
+        --init_from evaluation/embedded/experiments/kvtiny-v1 \
+        --long_stages '[[1024, 250], [2048, 450], [4096, 900]]'         # phase 2 alone, one run
     python -m evaluation.embedded.train recipe --recipe evaluation/embedded/recipes/kvtiny-4k.yaml \
         --output_dir runs/kvtiny-4k                                     # several runs, each from the last one's weights
 
@@ -15,13 +16,16 @@ What it builds, in order:
    haystacks, variable tracking, common and frequent words) plus a copy task in KVzip's exact repeat format
    ("Repeat the previous context exactly."), with a curriculum from short to long contexts. The loss is on the
    answer tokens; the copy task's answer is its whole context, a dense signal that helps induction heads appear;
-4. optionally (``long_stages``, empty by default: the shipped kvtiny has no second phase yet), a second phase that
-   extends the model to longer contexts: a fresh warmup and cosine schedule at a lower learning rate, multi-key
-   retrieval weighted up, and a ``replay`` share of steps at shorter lengths against forgetting the short ones.
+4. optionally (``long_stages``, empty by default), a second phase that extends the model to longer contexts: a
+   fresh warmup and cosine schedule at a lower learning rate, multi-key retrieval weighted up, and a ``replay``
+   share of steps at shorter lengths against forgetting the short ones.
    ``rope_scaling`` (e.g. YaRN) changes the model's RoPE for the run, phase 1's weights included.
-   ``--init_from`` a directory holding phase 1's weights (the shipped 1,024-token kvtiny) skips phase 1: the run
+   ``--init_from`` a directory holding phase 1's weights (the 1,024-token kvtiny v1) skips phase 1: the run
    starts at phase 2's first step with the same data and fresh optimizer state it would have had after training
    phase 1 itself (sampler and optimizer are renewed at the phase boundary in both cases).
+
+The shipped kvtiny (v2, 4,096 tokens) is phase 1 (kvtiny v1, kept in ``experiments/kvtiny-v1``) followed by the
+five phase-2 runs of ``recipes/kvtiny-4k.yaml``.
 
 Everything is seeded; a checkpoint is written every ``checkpoint_every`` steps and a rerun resumes from it.
 """
@@ -424,8 +428,8 @@ def train(output_dir: str, smoke: bool = False, max_minutes: float | None = None
     """Train (or resume) the embedded model into ``output_dir``; returns the step reached.
 
     ``init_from``: a directory with phase 1's weights and tokenizer (``save_pretrained`` layout, e.g. the 1,024-token
-    kvtiny); the run skips phase 1 and trains ``long_stages`` from it. A checkpoint in ``output_dir`` wins over it,
-    so the same command resumes an interrupted run.
+    kvtiny v1 in ``experiments/kvtiny-v1``); the run skips phase 1 and trains ``long_stages`` from it. A checkpoint
+    in ``output_dir`` wins over it, so the same command resumes an interrupted run.
     """
     torch.set_num_threads(max(1, torch.get_num_threads()))
     config = TrainConfig(**{**(SMOKE if smoke else {}), **overrides})
