@@ -1,8 +1,8 @@
 """Train kvpress-eval's embedded default model from nothing but code, on a CPU.
 
-    python -m evaluation.embedded.train --output_dir runs/kvtiny          # full run; resumes from its checkpoint
+    python -m evaluation.embedded.train --output_dir runs/kvtiny          # phase 1 (kvtiny v1); resumes if interrupted
     python -m evaluation.embedded.train --output_dir /tmp/smoke --smoke   # seconds: a tiny end-to-end check
-    python -m evaluation.embedded.train --output_dir runs/kvtiny-4k-d \
+    python -m evaluation.embedded.train --output_dir runs/kvtiny-phase2 \
         --init_from evaluation/embedded/experiments/kvtiny-v1 \
         --long_stages '[[1024, 250], [2048, 450], [4096, 900]]'         # phase 2 alone, one run
     python -m evaluation.embedded.train recipe --recipe evaluation/embedded/recipes/kvtiny-4k.yaml \
