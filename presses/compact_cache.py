@@ -16,7 +16,7 @@ it *packs* the kept pairs and frees the rest. After that it holds two regions:
   the pages leave a hole, and the pages are repacked once holes are a quarter of their slots. Freeing costs O(1)
   amortised per evicted pair rather than a repack per step.
 
-Why pages and not padding to the layer's largest head: measured on kvtiny at 50% (RULER 1k), AdaKV-SnapKV keeps
+Why pages and not padding to the layer's largest head: measured on kvtiny v1 at 50% (RULER 1k), AdaKV-SnapKV keeps
 0.500 of the pairs but padding every head of a layer to its largest head holds 0.617 of the dense bytes, and
 AdaKV-Expected-Attention 0.681. Pages hold 0.50-0.54 (README, "How memory is held").
 
