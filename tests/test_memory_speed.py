@@ -1,5 +1,6 @@
 """The memory and speed benchmark's measurements on a tiny random model: fields consistent, references pooled."""
 
+import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -27,3 +28,10 @@ def test_measure_shape_rows_are_consistent():
     # the dense references are pooled over the shape's rounds: one value for every press
     assert len({row["kernel_vs_sdpa"] for row in rows}) == 1
     assert len({row["dense_step_ms"] for row in rows}) == 1
+
+
+def test_floor_bound_reads_a_noisy_floor_above_the_dense_step_as_nothing_to_save():
+    assert memory_speed.floor_bound(0.2, 0.5) == pytest.approx(0.6)
+    assert memory_speed.floor_bound(0.0, 0.5) == 0.5
+    # timing noise on a tiny model: the 16-pair step measured slower than the dense one
+    assert memory_speed.floor_bound(1.009, 0.5) == 1.0

@@ -190,7 +190,10 @@ def measure_shape(model, surrogate, batch: int, n: int, repeats: int) -> list[di
 def floor_bound(floor: float, held: float) -> float:
     """The step's best ratio when its share ``floor`` (a step over FLOOR_TOKENS pairs, over a dense one) does not
     shrink and the rest shrinks with the KV bytes held (share ``held``): where a step is mostly fixed costs (kvtiny,
-    a few milliseconds of Python and small kernels), this, not the bytes bound, is what freeing pairs can reach."""
+    a few milliseconds of Python and small kernels), this, not the bytes bound, is what freeing pairs can reach.
+    A step over FLOOR_TOKENS pairs cannot cost more than one over all of them, so a measured share above 1 (timing
+    noise, where the two steps are nearly equal, as on a tiny model) is read as 1: nothing can be saved."""
+    floor = min(max(floor, 0.0), 1.0)
     return floor + (1 - floor) * held
 
 
