@@ -3,8 +3,8 @@
 For each model and shape (batch x context tokens) and each press (knorm, adakv_snapkv, kvzap_mlp at ~50% compression),
 prints the KV bytes held over a dense cache's, and the time of one decoding step over a dense cache's, for compact
 storage (pairs freed) and for masked storage (kvpress's way: every pair kept, evicted ones masked). Steps are timed
-interleaved (dense, mask, compact, repeated) so all see the same machine load; the median is kept, and the dense
-references' medians are pooled over every press's rounds of a shape. ``bound`` is the physical bound of a step that
+interleaved: each round of a shape times the dense references and every press's mask and compact steps, in an order
+that rotates from round to round, so all see the same machine load; medians over the rounds are kept. ``bound`` is the physical bound of a step that
 must read the weights and the KV bytes held: (weights + held) / (weights + dense). Two dense references: the model's
 own sdpa over a dense cache (``compact step`` and ``mask step`` are over it), and the compact kernel over every pair
 (``same kernel``: compact over it). On CPU, transformers' sdpa path copies each KV head for its query group
@@ -150,29 +150,36 @@ def measure_shape(model, surrogate, batch: int, n: int, repeats: int) -> list[di
     for layer in [*dense_packed.layers, *floor_cache.layers]:
         if not layer.packed:
             layer._pack_dense(torch.zeros(layer.keys.shape[:3], dtype=torch.bool))
-    # The dense references (and the floor) do not depend on the press: they are timed in every press's rounds, so
-    # each press's steps sit beside them, and their medians are pooled over all rounds of the shape, since a single
-    # press's few rounds of a multi-second step move by up to 0.2 on this shared machine (README, memory section).
-    reference = {"dense": [], "dense_kernel": [], "floor": []}
-    measured = []
+    # Every press's caches are built first, then each round times the references and every press's steps together,
+    # in an order that rotates from round to round: the presses see the same stretch of machine load (a press timed
+    # in rounds of its own, after another's, drifted with the shared machine by up to 0.2; README, memory section).
+    # The dense references (and the floor) do not depend on the press, so their medians are pooled over the rounds.
+    prepared = []
     for name in PRESSES:
         press = make_press(name, model, surrogate)
         masks = eviction_masks(model, press, keys, name)
         kept = 1 - sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks)
         compact = compact_cache(model, keys, values, masks)
-        held = kv_bytes(compact)
-        times = {"mask": [], "compact": []}
-        for round_index in range(repeats + 1):  # the first round warms up, and is dropped
-            steps = {"floor": step_seconds(model, floor_cache, no_press, "compact", [], batch),
-                     "dense": step_seconds(model, dense, no_press, "mask", [], batch),
-                     "dense_kernel": step_seconds(model, dense_packed, no_press, "compact", [], batch),
-                     "mask": step_seconds(model, dense, press, "mask", masks, batch),
-                     "compact": step_seconds(model, compact, press, "compact", masks, batch)}
+        prepared.append((name, press, masks, kept, compact, kv_bytes(compact)))
+    steps = {"floor": (floor_cache, no_press, "compact", []), "dense": (dense, no_press, "mask", []),
+             "dense_kernel": (dense_packed, no_press, "compact", [])}
+    for name, press, masks, _, compact, _ in prepared:
+        steps[f"{name} mask"] = (dense, press, "mask", masks)
+        steps[f"{name} compact"] = (compact, press, "compact", masks)
+    order = list(steps)
+    timings = {key: [] for key in order}
+    for round_index in range(repeats + 1):  # the first round warms up, and is dropped
+        rotation = round_index % len(order)
+        for key in order[rotation:] + order[:rotation]:
+            cache, press, storage, masks = steps[key]
+            seconds = step_seconds(model, cache, press, storage, masks, batch)
             if round_index:
-                for key, seconds in steps.items():
-                    (reference if key in reference else times)[key].append(seconds)
-        measured.append((name, kept, held, {k: statistics.median(v) for k, v in times.items()}))
-        del compact, masks
+                timings[key].append(seconds)
+    reference = {key: timings[key] for key in ("dense", "dense_kernel", "floor")}
+    measured = [(name, kept, held, {storage: statistics.median(timings[f"{name} {storage}"])
+                                    for storage in ("mask", "compact")})
+                for name, _, _, kept, _, held in prepared]
+    del prepared, steps
     pooled = {k: statistics.median(v) for k, v in reference.items()}
     results = []
     for name, kept, held, median in measured:
