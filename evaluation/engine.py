@@ -16,7 +16,6 @@ one-at-a-time path (prefill and answer per cell and context), for comparison.
 from __future__ import annotations
 
 import logging
-import time
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -34,7 +33,7 @@ from evaluation.datasets.registry import get_dataset
 from presses import BasePress, GenerationSettings, answer_questions, compat
 from presses.batched_decoding import BatchedDecoder, Row, SharedContext
 from presses.compact_cache import packed_kv_bytes
-from presses.generation import Measures, eos_token_ids, per_token_kv_bytes
+from presses.generation import Measures, device_clock, eos_token_ids, per_token_kv_bytes
 from presses.pipeline import PromptParts, encode_prompt
 
 logger = logging.getLogger("kvpress-eval")
@@ -82,14 +81,19 @@ def prediction_record(record: dict, sample_index: int, config: EvalConfig, predi
 
 
 def answer_cost(kv_storage: str, kv_bytes_dense: int, held_after_prefill: int, held_end: int, peak: int,
-                prefill_seconds: float, decode_seconds: float, throughput_scope: str, held_source: str) -> dict:
+                prefill_seconds: float, decode_seconds: float, throughput_scope: str, held_source: str,
+                device_peak: int | None = None) -> dict:
     """The memory and speed fields of a prediction record. ``prefill_seconds`` is set on the first answer of a
     context only (0 on the others), so sums over answers count each prefill once. ``held_source``: ``cache`` (read
     from the cache that answered) or ``layout`` (the sweep engine: computed from the press's masks by the packing's
-    rule, which is what its compact cache holds)."""
-    return {"kv_storage": kv_storage, "kv_bytes_held_source": held_source, "kv_bytes_dense": kv_bytes_dense,
+    rule, which is what its compact cache holds). ``device_peak``: the CUDA allocator's peak over the context, on a
+    GPU and one context at a time only (the sweep engine's rows share their memory)."""
+    cost = {"kv_storage": kv_storage, "kv_bytes_held_source": held_source, "kv_bytes_dense": kv_bytes_dense,
             "kv_bytes_held_after_prefill": held_after_prefill, "kv_bytes_held_end": held_end, "kv_bytes_peak": peak,
             "prefill_seconds": prefill_seconds, "decode_seconds": decode_seconds, "throughput_scope": throughput_scope}
+    if device_peak is not None:
+        cost["device_peak_bytes"] = device_peak
+    return cost
 
 
 def encode_group(tokenizer, group: list[dict], config: EvalConfig, truncation: str, device,
@@ -126,7 +130,7 @@ def answer_group(model, tokenizer, group: list[dict], press, config: EvalConfig,
                               answer_cost(storage, measures.kv_bytes_dense, measures.kv_bytes_held_after_prefill,
                                           held_end, measures.kv_bytes_peak,
                                           measures.prefill_seconds if index == 0 else 0.0, per_answer, "run",
-                                          "cache"))
+                                          "cache", measures.device_peak_bytes))
             for index, (record, answer, question, held_end) in enumerate(zip(
                 group, answers, parts.question_ids, measures.kv_bytes_held_end, strict=True))]
 
@@ -269,12 +273,12 @@ def _rows(model: nn.Module, tokenizer, groups: list[list[dict]], instances: list
         if not waiting:
             continue
         parts = encode_group(tokenizer, group, config, truncation, device)
-        start = time.perf_counter()
+        start = device_clock(device)
         prefilled = _prefill(model, parts.context_ids, group, [instance for instance, _ in waiting], instances,
                              config)
         context = SharedContext.from_cache(prefilled, n_layers)
         del prefilled
-        prefill_seconds = time.perf_counter() - start
+        prefill_seconds = device_clock(device) - start
         dense_bytes = context.kv_bytes()
         no_evictions = torch.zeros((1, *context.keys[0].shape[:2]), dtype=torch.bool, device=device)
         settings = {k: generation_settings(config, max(r["max_new_tokens"] for r in group), k)

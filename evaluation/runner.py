@@ -165,8 +165,11 @@ def memory_and_speed(predictions: list[dict]) -> dict:
     """metrics.json's memory and speed fields, from the cost each prediction recorded (``answer_cost``).
 
     KV bytes are means over answers (each answer's context); ``kv_bytes_held`` is after the prefill and at the end
-    of generation. ``peak_memory_bytes`` is the largest KV peak of any context, from the cache's tensors (a CPU run
-    has no allocator to ask). Throughputs: context tokens over prefill time (each context's prefill counted once),
+    of generation. ``peak_memory_bytes`` is the largest peak of any context: on a GPU, one context at a time, the
+    CUDA allocator's (weights, activations and cache; ``peak_memory_source: cuda_allocator``, and the cache's own
+    peak beside it as ``kv_bytes_peak``); otherwise the cache's tensors' (``kv_cache_tensors``: a CPU has no
+    allocator to ask, and the sweep engine's rows share their memory, so no allocator peak is a cell's). Throughputs:
+    context tokens over prefill time (each context's prefill counted once),
     generated tokens over decoding time; in a batched sweep both are shared by its cells (``throughput_scope``).
     Predictions cached before these fields existed are left out; none at all gives an empty dict.
     """
@@ -185,12 +188,21 @@ def memory_and_speed(predictions: list[dict]) -> dict:
         "kv_bytes_held_source": sources[0] if len(sources) == 1 else "mixed",
         "kv_bytes_dense": mean("kv_bytes_dense"),
         "kv_bytes_held": {"after_prefill": mean("kv_bytes_held_after_prefill"), "end": mean("kv_bytes_held_end")},
-        "peak_memory_bytes": max(p["kv_bytes_peak"] for p in costed),
-        "peak_memory_source": "kv_cache_tensors",
+        **peak_memory(costed),
         "prefill_tokens_per_s": prefill_tokens / prefill_seconds if prefill_seconds else None,
         "decode_tokens_per_s": sum(p["generated_length"] for p in costed) / decode_seconds if decode_seconds else None,
         "throughput_scope": "sweep" if any(p["throughput_scope"] == "sweep" for p in costed) else "run",
     }
+
+
+def peak_memory(costed: list[dict]) -> dict:
+    """The allocator's peak where every answer has one (a run resumed on another machine mixes them: then the
+    cache's peak, which every answer has)."""
+    kv_peak = max(p["kv_bytes_peak"] for p in costed)
+    if all(p.get("device_peak_bytes") is not None for p in costed):
+        return {"peak_memory_bytes": max(p["device_peak_bytes"] for p in costed),
+                "peak_memory_source": "cuda_allocator", "kv_bytes_peak": kv_peak}
+    return {"peak_memory_bytes": kv_peak, "peak_memory_source": "kv_cache_tensors"}
 
 
 def run_label(spec: RunSpec) -> str:

@@ -23,7 +23,6 @@ decoder lends each row's state to the press after every layer and mirrors the ne
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from transformers import AttentionInterface
 
 from presses import compat
 from presses.base_press import BasePress, presses_paused
+from presses.generation import device_clock
 
 ATTENTION_NAME = "kvpress_rows"
 ROWS_KWARG = "kvpress_rows"
@@ -294,11 +294,11 @@ class BatchedDecoder:
                                device=self.device)
         position_ids = offsets[:, None] + torch.arange(width, device=self.device)
         forward = _Forward(self.slots, start, q_lens)
-        began = time.perf_counter()
+        began = device_clock(self.device)
         with self._decoding():
             logits = self.model(input_ids=ids, position_ids=position_ids, use_cache=False,
                                 **{ROWS_KWARG: forward}).logits
-        share = (time.perf_counter() - began) / len(rows)
+        share = (device_clock(self.device) - began) / len(rows)
         for row in rows:
             row.decode_seconds += share
         for i, q_len in enumerate(q_lens):

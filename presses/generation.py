@@ -144,7 +144,8 @@ def _dense_layer_bytes(layer) -> int:
 @dataclass
 class Measures:
     """What one context cost: KV bytes (dense equivalent, held after the prefill, held at the end of each answer,
-    the cache's peak) and wall time of the prefill and of the decoding."""
+    the cache's peak), wall time of the prefill and of the decoding, and on a GPU the allocator's peak (weights,
+    activations and cache together)."""
 
     kv_bytes_dense: int = 0
     kv_bytes_held_after_prefill: int = 0
@@ -152,6 +153,7 @@ class Measures:
     kv_bytes_peak: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    device_peak_bytes: int | None = None  # the CUDA allocator's peak over the context's prefill and answers (GPU only)
 
 
 @torch.no_grad()
@@ -179,10 +181,12 @@ def answer_questions(
     eos_ids = eos_token_ids(model, tokenizer)
     cache = DynamicCache(config=model.config)
     answers: list[Answer] = []
+    device = context_ids.device
+    reset_device_peak(device)
     with press(model, tokenizer, kv_storage=kv_storage):
-        start = time.perf_counter()
+        start = device_clock(device)
         prefill(model, cache, context_ids, press, prefill_chunk_size)
-        measures.prefill_seconds += time.perf_counter() - start
+        measures.prefill_seconds += device_clock(device) - start
         context_ratio = press.achieved_compression_ratio
         context_length = cache.get_seq_length()
         _free_evicted(press, cache)
@@ -197,15 +201,37 @@ def answer_questions(
                 _restore_context(cache, saved)
             press.restore(compressed)
             generator = torch.Generator(device=ids.device).manual_seed(settings.seed + index)
-            start = time.perf_counter()
+            start = device_clock(device)
             tokens = decode(model, cache, ids, settings, eos_ids, generator)
-            measures.decode_seconds += time.perf_counter() - start
+            measures.decode_seconds += device_clock(device) - start
             _free_evicted(press, cache)
             measures.kv_bytes_held_end.append(kv_bytes(cache))
             text = tokenizer.decode(tokens, skip_special_tokens=True) if tokenizer is not None else ""
             answers.append(Answer(text, tokens, press.achieved_compression_ratio))
     measures.kv_bytes_peak = max(measures.kv_bytes_peak, _peak(cache))
+    peak = device_peak(device)
+    if peak is not None:
+        measures.device_peak_bytes = max(measures.device_peak_bytes or 0, peak)
     return answers, context_ratio
+
+
+def device_clock(device: torch.device) -> float:
+    """``time.perf_counter()`` once the device's queued work is done: CUDA kernels run asynchronously, so a clock
+    read without waiting would time their launches, not their work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def reset_device_peak(device: torch.device) -> None:
+    """Start the CUDA allocator's peak afresh (nothing to do elsewhere: a CPU has no allocator to ask)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def device_peak(device: torch.device) -> int | None:
+    """The most bytes the CUDA allocator held since :func:`reset_device_peak`; None off CUDA."""
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
 
 def _free_evicted(press: BasePress, cache) -> None:

@@ -25,6 +25,7 @@ from evaluation.config import EvalConfig
 from evaluation.datasets.registry import load_records
 from evaluation.engine import PreparedRun, engine_refusal, execute, execute_sequentially
 from evaluation.models import load_model
+from evaluation.runner import memory_and_speed
 from presses import (
     PRESSES,
     AdaKVPress,
@@ -37,6 +38,7 @@ from presses import (
     SnapKVPress,
     StreamingLLMPress,
     build_press,
+    generation,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -138,6 +140,33 @@ def test_the_engine_reports_the_bytes_a_compact_cache_holds(kvtiny, tmp_path):
     for cell in batched.values():
         for dense, held, end in cell.values():
             assert held < 0.6 * dense and end > held
+
+
+def test_on_a_gpu_each_answer_records_the_allocators_peak(kvtiny, tmp_path, monkeypatch):
+    """One context at a time on a GPU, each prediction carries the CUDA allocator's peak over its context, and
+    metrics.json reports the largest as peak_memory_bytes, its source named, the cache's own peak beside it. CI has no
+    GPU: the allocator is faked where the one-at-a-time path asks it."""
+    readings = iter([3000, 9000, 5000, 7000])
+    resets = []
+    monkeypatch.setattr(generation, "reset_device_peak", resets.append)
+    monkeypatch.setattr(generation, "device_peak", lambda device: next(readings))
+    cells = answers(kvtiny, tmp_path, {"knorm": lambda: KnormPress(0.5)}, BASE, "sequential",
+                    ("device_peak_bytes", "kv_bytes_peak"))
+    recorded = list(cells["knorm"].values())
+    assert len(resets) == len(recorded) == 4  # one reading per context, reset before its prefill
+    assert sorted(device for device, _ in recorded) == [3000, 5000, 7000, 9000]
+    predictions = [{"kv_bytes_dense": 1, "kv_bytes_held_after_prefill": 1, "kv_bytes_held_end": 1,
+                    "prefill_seconds": 1.0, "decode_seconds": 1.0, "context_length": 1, "generated_length": 1,
+                    "kv_storage": "compact", "throughput_scope": "run", "kv_bytes_peak": kv,
+                    "device_peak_bytes": device} for device, kv in recorded]
+    metrics = memory_and_speed(predictions)
+    assert metrics["peak_memory_bytes"] == 9000 and metrics["peak_memory_source"] == "cuda_allocator"
+    assert metrics["kv_bytes_peak"] == max(kv for _, kv in recorded) > 0
+    # resumed on a machine without one: the cache's peak, which every answer has
+    del predictions[0]["device_peak_bytes"]
+    mixed = memory_and_speed(predictions)
+    assert mixed["peak_memory_source"] == "kv_cache_tensors" and "kv_bytes_peak" not in mixed
+    assert mixed["peak_memory_bytes"] == metrics["kv_bytes_peak"]
 
 
 def test_presses_that_compress_while_decoding(kvtiny, tmp_path):

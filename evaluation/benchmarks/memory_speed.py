@@ -1,18 +1,18 @@
 """What compact KV storage saves, measured side by side: ``python -m evaluation.benchmarks.memory_speed``.
 
-For each model and shape (batch x context tokens) and each press (knorm, adakv_snapkv, kvzap_mlp at ~50% compression),
-prints the KV bytes held over a dense cache's, and the time of one decoding step over a dense cache's, for compact
-storage (pairs freed) and for masked storage (kvpress's way: every pair kept, evicted ones masked). Steps are timed
-interleaved: each round of a shape times the dense references and every press's mask and compact steps, in an order
-that rotates from round to round, so all see the same machine load; medians over the rounds are kept. ``bound`` is the physical bound of a step that
-must read the weights and the KV bytes held: (weights + held) / (weights + dense). Two dense references: the model's
-own sdpa over a dense cache (``compact step`` and ``mask step`` are over it), and the compact kernel over every pair
-(``same kernel``: compact over it). On CPU, transformers' sdpa path copies each KV head for its query group
-(``repeat_kv``) before attending, which the compact kernel does not, so ``compact step`` can beat the physical bound;
-``same kernel`` isolates what freeing pairs saves. ``floor bound`` counts what a step costs whatever its cache (the
-same kernel over 16 cached pairs, timed in the same rounds: weights, Python, kernel launches) as a share that cannot
-shrink, and the rest as shrinking with the bytes held: on kvtiny a batch-1 step is mostly such fixed costs, so the
-bytes bound is out of reach there.
+For each model and shape (batch x context tokens) and each press (knorm, adakv_snapkv, kvzap_mlp at ~50%
+compression), prints the KV bytes held over a dense cache's, and the time of one decoding step over a dense cache's,
+for compact storage (pairs freed) and for masked storage (kvpress's way: every pair kept, evicted ones masked).
+Steps are timed interleaved: each round of a shape times the dense references and every press's mask and compact
+steps, in an order that rotates from round to round, so all see the same machine load; medians over the rounds are
+kept. ``bound`` is the physical bound of a step that must read the weights and the KV bytes held: (weights + held) /
+(weights + dense). Two dense references: the model's own sdpa over a dense cache (``compact step`` and ``mask step``
+are over it), and the compact kernel over every pair (``same kernel``: compact over it). On CPU, transformers' sdpa
+path copies each KV head for its query group (``repeat_kv``) before attending, which the compact kernel does not, so
+``compact step`` can beat the physical bound; ``same kernel`` isolates what freeing pairs saves. ``floor bound``
+counts what a step costs whatever its cache (the same kernel over 16 cached pairs, timed in the same rounds:
+weights, Python, kernel launches) as a share that cannot shrink, and the rest as shrinking with the bytes held: on
+kvtiny a batch-1 step is mostly such fixed costs, so the bytes bound is out of reach there.
 
 The cache is filled with random keys and values (a step's time does not depend on their content); each press
 decides on them from random hidden states (kvzap_mlp: the threshold is set at the median score, for ~50%).
