@@ -16,18 +16,23 @@ kvtiny a batch-1 step is mostly such fixed costs, so the bytes bound is out of r
 
 The cache is filled with random keys and values (a step's time does not depend on their content); each press
 decides on them from random hidden states (kvzap_mlp: the threshold is set at the median score, for ~50%).
-Models: the embedded model (kvtiny, its shipped surrogate) and 2 randomly initialised Qwen3-8B-shaped layers in
-float32 with a random 512-wide KVzap surrogate. Then, on kvtiny over a real RULER context, the prefill's KV peak
-of kvzap_mlp with ``--prefill_chunk_size`` against a dense prefill's.
+Models: the embedded model (kvtiny, its shipped surrogate) and ``--layers`` randomly initialised Qwen3-8B-shaped
+layers (2 by default, 36 for full depth) in ``--dtype`` with a random 512-wide KVzap surrogate, at ``--shapes``
+(batch x tokens; 1x4096, 1x16384 and 12x16384 by default). Then, on kvtiny over a real RULER context, the
+prefill's KV peak of kvzap_mlp with ``--prefill_chunk_size`` against a dense prefill's; with ``--prefill_tokens``,
+the same on the 8B-shaped layers over random tokens, and on a GPU the CUDA allocator's peak beside it. The GPU run:
+``--device cuda --dtype bfloat16 --layers 36 --shapes 1x32768,6x32768 --prefill_tokens 32768 --skip_kvtiny``
+(6 x 32k tokens is where the dense cache, 29.0 GB, passes twice the weights' 13.9 GB).
 
-The last line is ``kv_bytes_ratio=... decode_step_ratio=...``: the worst press at batch 12 x 16k tokens on the
-8B-shaped layers, compact storage, the step against the same kernel over every pair (then against sdpa).
+The last line is ``kv_bytes_ratio=... decode_step_ratio=...``: the worst press at the largest shape (batch 12 x 16k
+tokens by default) on the 8B-shaped layers, compact storage, the step against the same kernel over every pair (then
+against sdpa).
 """
 
 from __future__ import annotations
 
 import statistics
-import time
+from collections.abc import Callable
 
 import fire
 import torch
@@ -35,9 +40,16 @@ from transformers import DynamicCache, Qwen3Config, Qwen3ForCausalLM
 
 from evaluation.models import load_model
 from presses import build_press, compat
-from presses.base_press import LayerInputs
+from presses.base_press import BasePress, LayerInputs
 from presses.compact_cache import CompactLayer
-from presses.generation import kv_bytes
+from presses.generation import (
+    GenerationSettings,
+    Measures,
+    answer_questions,
+    device_clock,
+    kv_bytes,
+    per_token_kv_bytes,
+)
 from presses.kvzap_press import KVzapConfig, KVzapModel
 
 QWEN3_8B = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
@@ -46,11 +58,18 @@ PRESSES = ("knorm", "adakv_snapkv", "kvzap_mlp")
 FLOOR_TOKENS = 16
 
 
-def qwen3_8b_layers(n_layers: int = 2) -> Qwen3ForCausalLM:
+def qwen3_8b_layers(n_layers: int = 2, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Qwen3ForCausalLM:
+    """``n_layers`` randomly initialised Qwen3-8B-shaped layers (36: full depth), built on ``device`` in ``dtype``."""
     config = Qwen3Config(**QWEN3_8B, num_hidden_layers=n_layers, vocab_size=1024, max_position_embeddings=40000,
-                         attn_implementation="sdpa")
+                         attn_implementation="sdpa", dtype=dtype)
     torch.manual_seed(0)
-    return Qwen3ForCausalLM(config).eval()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):  # initialised where it runs: 8B parameters drawn on a CPU take minutes
+            return Qwen3ForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(default)
 
 
 def make_press(name: str, model, kvzap_surrogate: KVzapModel | None):
@@ -68,14 +87,15 @@ def eviction_masks(model, press, keys: list[torch.Tensor], name: str) -> list[to
     config = compat.text_config(model)
     modules = compat.attention_modules(model)
     batch, _, n, _ = keys[0].shape
-    generator = torch.Generator().manual_seed(1)
+    device, dtype = keys[0].device, keys[0].dtype
+    generator = torch.Generator(device=device).manual_seed(1)
     masks = []
     for module, layer_keys in zip(modules, keys, strict=True):
         rows = []
         for b in range(batch):  # one row at a time: hidden states of 16k tokens x 4096 are 256 MB a row
-            hidden = torch.randn(1, n, config.hidden_size, generator=generator)
-            cos, sin = model.model.rotary_emb(hidden[:, :1], torch.arange(n)[None])
-            evicted = torch.zeros(1, layer_keys.shape[1], n, dtype=torch.bool)
+            hidden = torch.randn(1, n, config.hidden_size, generator=generator, device=device, dtype=dtype)
+            cos, sin = model.model.rotary_emb(hidden[:, :1], torch.arange(n, device=device)[None])
+            evicted = torch.zeros(1, layer_keys.shape[1], n, dtype=torch.bool, device=device)
             layer = LayerInputs(module, hidden, (layer_keys[b:b + 1], layer_keys[b:b + 1]), None, evicted,
                                 {"position_embeddings": (cos, sin)})
             if name == "kvzap_mlp":
@@ -112,7 +132,8 @@ def compact_cache(model, keys, values, masks) -> DynamicCache:
 
 def step_seconds(model, cache, press, storage: str, masks, batch: int) -> float:
     """One decoding step (one token per row) after the cache; the cache is cut back after it."""
-    ids = torch.zeros(batch, 1, dtype=torch.long)
+    device = next(model.parameters()).device
+    ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
     with press(model, kv_storage=storage):
         for index, mask in enumerate(masks):
             press.layer_state(index)["evicted"] = mask
@@ -120,10 +141,10 @@ def step_seconds(model, cache, press, storage: str, masks, batch: int) -> float:
             cache_layer = compat.cache_layer(cache, index)
             if isinstance(cache_layer, CompactLayer) and masks:
                 cache_layer.applied = masks[index]
-        start = time.perf_counter()
+        start = device_clock(device)
         with torch.no_grad():
             model(input_ids=ids, **{compat.model_cache_kwarg(): cache}, use_cache=True)
-        elapsed = time.perf_counter() - start
+        elapsed = device_clock(device) - start
     compat.crop_cache(cache, cache.get_seq_length() - 1)
     return elapsed
 
@@ -131,25 +152,26 @@ def step_seconds(model, cache, press, storage: str, masks, batch: int) -> float:
 def measure_shape(model, surrogate, batch: int, n: int, repeats: int) -> list[dict]:
     config = compat.text_config(model)
     head_dim = compat.head_dim(compat.attention_modules(model)[0])
-    generator = torch.Generator().manual_seed(0)
+    parameter = next(model.parameters())
+    generator = torch.Generator(device=parameter.device).manual_seed(0)
     shape = (batch, config.num_key_value_heads, n, head_dim)
-    keys = [torch.randn(shape, generator=generator) for _ in range(config.num_hidden_layers)]
-    values = [torch.randn(shape, generator=generator) for _ in range(config.num_hidden_layers)]
+    keys, values = ([torch.randn(shape, generator=generator, device=parameter.device, dtype=parameter.dtype)
+                     for _ in range(config.num_hidden_layers)] for _ in range(2))
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     dense = dense_cache(model, keys, values)
     dense_bytes = kv_bytes(dense)
     no_press = build_press("no_press")
-    nothing_evicted = [torch.zeros(k.shape[:3], dtype=torch.bool) for k in keys]
+    nothing_evicted = [torch.zeros(k.shape[:3], dtype=torch.bool, device=k.device) for k in keys]
     dense_packed = compact_cache(model, keys, values, nothing_evicted)  # every pair, read by the compact kernel
     # The same kernel over FLOOR_TOKENS cached pairs: what a step costs whatever the cache (weights, Python, kernel
     # launches). The step's cache-dependent part is what freeing pairs can shrink.
     floor_keys = [k[:, :, :FLOOR_TOKENS].clone() for k in keys]
     floor_values = [v[:, :, :FLOOR_TOKENS].clone() for v in values]
     floor_cache = compact_cache(model, floor_keys, floor_values,
-                                [torch.zeros(k.shape[:3], dtype=torch.bool) for k in floor_keys])
+                                [torch.zeros(k.shape[:3], dtype=torch.bool, device=k.device) for k in floor_keys])
     for layer in [*dense_packed.layers, *floor_cache.layers]:
         if not layer.packed:
-            layer._pack_dense(torch.zeros(layer.keys.shape[:3], dtype=torch.bool))
+            layer._pack_dense(torch.zeros(layer.keys.shape[:3], dtype=torch.bool, device=layer.keys.device))
     # Every press's caches are built first, then each round times the references and every press's steps together,
     # in an order that rotates from round to round: the presses see the same stretch of machine load (a press timed
     # in rounds of its own, after another's, drifted with the shared machine by up to 0.2; README, memory section).
@@ -204,46 +226,107 @@ def floor_bound(floor: float, held: float) -> float:
     return floor + (1 - floor) * held
 
 
-def prefill_peak(chunk_size: int, length: int) -> dict:
-    """kvzap_mlp's KV peak during the prefill of a RULER context, chunked and not, over a dense prefill's."""
+def prefill_peaks(model, tokenizer, context_ids: torch.Tensor, question_ids: list[torch.Tensor],
+                  kvzap: Callable[[], BasePress], chunk_size: int) -> dict:
+    """A dense prefill's peak and held KV, and ``kvzap``'s (a kvzap_mlp press) with and without chunks, as shares of
+    the dense prefill's; on a GPU also the CUDA allocator's peak (weights, activations, cache) in bytes."""
+    peaks = {}
+    for label, make, chunk in (("dense", lambda: build_press("no_press"), None), ("kvzap_mlp", kvzap, None),
+                               ("kvzap_mlp chunked", kvzap, chunk_size)):
+        measures = Measures()
+        _, achieved = answer_questions(model, tokenizer, context_ids, question_ids, make(),
+                                       GenerationSettings(max_new_tokens=1), "compact", chunk, measures)
+        peaks[label] = (measures, achieved)
+    dense = peaks["dense"][0].kv_bytes_peak
+    return {label: {"peak_ratio": m.kv_bytes_peak / dense, "held_ratio": m.kv_bytes_held_after_prefill / dense,
+                    "achieved": achieved, "device_peak_bytes": m.device_peak_bytes}
+            for label, (m, achieved) in peaks.items()}
+
+
+def ruler_prefill_peaks(chunk_size: int, length: int) -> dict:
+    """:func:`prefill_peaks` on kvtiny over a RULER context, its shipped surrogate at threshold -4."""
     from evaluation.datasets.ruler_synthetic import generate_task
-    from presses.generation import GenerationSettings, Measures, answer_questions
     from presses.pipeline import encode_prompt
 
     model, tokenizer = load_model("kvtiny", "cpu")
     record = generate_task("niah_single_1", tokenizer, length, num_samples=1)[0]
     parts = encode_prompt(tokenizer, record["context"], [record["question"]], record["answer_prefix"])
-    peaks = {}
-    for label, name, kwargs, chunk in (("dense", "no_press", {}, None),
-                                       ("kvzap_mlp", "kvzap_mlp", {"threshold": -4.0}, None),
-                                       ("kvzap_mlp chunked", "kvzap_mlp", {"threshold": -4.0}, chunk_size)):
-        measures = Measures()
-        answer_questions(model, tokenizer, parts.context_ids, parts.question_ids, build_press(name, **kwargs),
-                         GenerationSettings(max_new_tokens=1), "compact", chunk, measures)
-        peaks[label] = measures
-    dense = peaks["dense"].kv_bytes_peak
-    return {label: {"peak_ratio": m.kv_bytes_peak / dense, "held_ratio": m.kv_bytes_held_after_prefill / dense}
-            for label, m in peaks.items()}
+    return prefill_peaks(model, tokenizer, parts.context_ids, parts.question_ids,
+                         lambda: build_press("kvzap_mlp", threshold=-4.0), chunk_size)
 
 
-def main(repeats: int = 3, threads: int = 1, big_batch: int = 12, skip_8b: bool = False,
-         chunk_size: int = 512) -> None:
+def random_prefill_peaks(model, surrogate: KVzapModel, tokens: int, chunk_size: int) -> dict:
+    """:func:`prefill_peaks` on a random-weight model over random token ids, kvzap_mlp's threshold set at the median
+    score of a first prefill (a random surrogate's scores have no fixed scale), for about half the pairs evicted."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(2)
+    vocab = compat.text_config(model).vocab_size
+    context_ids = torch.randint(vocab, (1, tokens), generator=generator, device=device)
+    question_ids = [torch.randint(vocab, (1, 16), generator=generator, device=device)]
+    press = make_press("kvzap_mlp", model, surrogate)
+    cache = DynamicCache(config=model.config)
+    with press(model, kv_storage="mask"):
+        model(input_ids=context_ids, **{compat.model_cache_kwarg(): cache}, use_cache=True)
+        scores = torch.cat([press.layer_state(index)["scores"][..., : tokens - press.sliding_window_size].flatten()
+                            for index in range(len(compat.attention_modules(model)))])
+    threshold = float(scores.float().median())
+    del cache, scores
+
+    def kvzap() -> BasePress:
+        calibrated = make_press("kvzap_mlp", model, surrogate)
+        calibrated.threshold = threshold
+        return calibrated
+
+    return prefill_peaks(model, None, context_ids, question_ids, kvzap, chunk_size)
+
+
+def parse_shapes(shapes) -> list[tuple[int, int]]:
+    """``"1x4096,12x16384"`` (or Fire's tuple of it) as [(batch, tokens), ...]."""
+    items = shapes.split(",") if isinstance(shapes, str) else list(shapes)
+    try:
+        return [(int(batch), int(tokens)) for batch, tokens in (str(item).strip().split("x") for item in items)]
+    except ValueError:
+        raise SystemExit(f"--shapes {shapes!r}: give batch x tokens pairs, e.g. 1x4096,12x16384") from None
+
+
+def main(repeats: int = 3, threads: int = 1, big_batch: int = 12, skip_8b: bool = False, chunk_size: int = 512,
+         device: str = "cpu", dtype: str = "float32", layers: int = 2, shapes: str | None = None,
+         skip_kvtiny: bool = False, prefill_tokens: int | None = None) -> None:
+    """``--device cuda --dtype bfloat16 --layers 36 --shapes 1x32768,6x32768 --prefill_tokens 32768 --skip_kvtiny``
+    is the GPU run: full-depth Qwen3-8B-shaped layers, and the prefill's peak from the CUDA allocator."""
     torch.set_num_threads(threads)
-    kvtiny, _ = load_model("kvtiny", "cpu")
-    kvtiny_surrogate = make_press("kvzap_mlp", kvtiny, None).press.surrogate
-    models = [("kvtiny", kvtiny, kvtiny_surrogate)]
+    torch_dtype = getattr(torch, dtype, None)
+    if not isinstance(torch_dtype, torch.dtype):
+        raise SystemExit(f"--dtype {dtype}: not a torch dtype; use float32, bfloat16 or float16")
+    grid = parse_shapes(shapes or f"1x4096,1x16384,{big_batch}x16384")
+    models = []
+    if not skip_kvtiny:
+        kvtiny, _ = load_model("kvtiny", device, dtype)
+        models.append(("kvtiny", kvtiny, make_press("kvzap_mlp", kvtiny, None).press.surrogate))
     if not skip_8b:
-        big = qwen3_8b_layers()
+        big = qwen3_8b_layers(layers, device, torch_dtype)
         torch.manual_seed(0)
-        surrogate = KVzapModel(KVzapConfig(input_dim=4096, output_dim=8, n_modules=2, hidden_dim=512)).eval()
-        models.append(("qwen3-8b x2 layers", big, surrogate))
+        surrogate = KVzapModel(KVzapConfig(input_dim=4096, output_dim=8, n_modules=layers, hidden_dim=512)).eval()
+        models.append((f"qwen3-8b x{layers} layers", big, surrogate))
+    if device.startswith("cuda"):
+        print(f"{torch.cuda.get_device_name(device)}, {dtype}")
     print(f"{'model':<20} {'batch x tokens':>14} {'press':<13} {'achieved':>8} {'KV held':>8} {'mask step':>9} "
           f"{'compact step':>12} {'same kernel':>11} {'bound':>6} {'floor bound':>11} {'dense step':>10} "
           f"{'kernel/sdpa':>11}")
     headline, within = None, {"bound": 0, "floor bound": 0, "settings": 0}
+    largest = max(grid, key=lambda shape: shape[0] * shape[1])
     with torch.no_grad():
         for label, model, surrogate in models:
-            for batch, n in ((1, 4096), (1, 16384), (big_batch, 16384)):
+            for batch, n in grid:
+                if device.startswith("cuda"):
+                    # dense keys and values, their copy for the same kernel, three presses' compact caches at ~0.55,
+                    # and room for a step's temporaries: a shape that cannot fit is said, not crashed on
+                    needed = 3.8 * per_token_kv_bytes(model) * batch * n + 2**31
+                    free, _ = torch.cuda.mem_get_info(device)
+                    if needed > free:
+                        print(f"{label} {batch} x {n}: skipped, needs about {needed / 2**30:.0f} GiB of the "
+                              f"{free / 2**30:.0f} GiB free", flush=True)
+                        continue
                 rows = measure_shape(model, surrogate, batch, n, repeats)
                 for row in rows:
                     print(f"{label:<20} {f'{batch} x {n}':>14} {row['press']:<13} {row['achieved']:>8.3f} "
@@ -254,15 +337,29 @@ def main(repeats: int = 3, threads: int = 1, big_batch: int = 12, skip_8b: bool 
                     within["settings"] += 1
                     within["bound"] += row["same_kernel_ratio"] <= 1.1 * row["bound"]
                     within["floor bound"] += row["same_kernel_ratio"] <= 1.1 * row["floor_bound"]
-                if label.startswith("qwen3") and batch == big_batch:
+                if label.startswith("qwen3") and (batch, n) == largest:
                     headline = (max(r["kv_bytes_ratio"] for r in rows), max(r["same_kernel_ratio"] for r in rows),
                                 max(r["compact_step_ratio"] for r in rows))
-    print(f"compact steps (same kernel) within 10% of the bytes bound: {within['bound']}/{within['settings']}, "
-          f"of the floor bound: {within['floor bound']}/{within['settings']}")
-    peaks = prefill_peak(chunk_size, 4096)
-    for label, row in peaks.items():
-        print(f"prefill of a 4k RULER context on kvtiny, {label}: KV peak {row['peak_ratio']:.3f} of a dense "
-              f"prefill's, held after {row['held_ratio']:.3f}")
+                if device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+        print(f"compact steps (same kernel) within 10% of the bytes bound: {within['bound']}/{within['settings']}, "
+              f"of the floor bound: {within['floor bound']}/{within['settings']}")
+        prefills = []
+        if not skip_kvtiny:
+            prefills.append(("a 4k RULER context on kvtiny", ruler_prefill_peaks(chunk_size, 4096), None))
+        if prefill_tokens and not skip_8b:
+            weights = sum(p.numel() * p.element_size() for p in big.parameters())
+            prefills.append((f"{prefill_tokens} random tokens on {models[-1][0]}",
+                             random_prefill_peaks(big, surrogate, prefill_tokens, chunk_size), weights))
+    for what, peaks, weights in prefills:
+        for label, row in peaks.items():
+            line = (f"prefill of {what}, {label}: achieved {row['achieved']:.3f}, KV peak {row['peak_ratio']:.3f} "
+                    f"of a dense prefill's, held after {row['held_ratio']:.3f}")
+            if row["device_peak_bytes"] is not None and weights is not None:
+                dense_peak = peaks["dense"]["device_peak_bytes"]
+                line += (f"; CUDA allocator peak {row['device_peak_bytes'] / 2**30:.2f} GiB, above the weights "
+                         f"{(row['device_peak_bytes'] - weights) / (dense_peak - weights):.3f} of a dense prefill's")
+            print(line, flush=True)
     if headline is not None:
         print(f"kv_bytes_ratio={headline[0]:.3f} decode_step_ratio={headline[1]:.3f} "
               f"decode_step_ratio_vs_sdpa={headline[2]:.3f}")
