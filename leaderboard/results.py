@@ -84,6 +84,20 @@ class Run:
         return float(value) if _is_number(value) else None
 
     @property
+    def kv_peak(self) -> float | None:
+        """The most KV bytes the cache held at once: ``peak_memory_bytes``, unless that is the CUDA allocator's
+        (weights and activations included), which keeps the cache's own peak as ``kv_bytes_peak``. So the column
+        compares like with like when a GPU sweep mixes batched cells with cells run one context at a time."""
+        return self.measure("kv_bytes_peak" if self.device_peak is not None else "peak_memory_bytes")
+
+    @property
+    def device_peak(self) -> float | None:
+        """The CUDA allocator's peak over a context (``peak_memory_source: cuda_allocator``), None otherwise."""
+        if self.metrics is None or self.metrics.get("peak_memory_source") != "cuda_allocator":
+            return None
+        return self.measure("peak_memory_bytes")
+
+    @property
     def kv_fraction(self) -> float | None:
         """KV bytes held / dense, when both were measured."""
         held, dense = self.measure("kv_bytes_held"), self.measure("kv_bytes_dense")

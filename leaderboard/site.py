@@ -140,6 +140,11 @@ class Pair:
         """Whether any finished run recorded a memory or speed field."""
         return any(run.measure(field) is not None for run in self.finished for field in MEASURES)
 
+    @property
+    def device_measured(self) -> bool:
+        """Whether any finished run recorded the CUDA allocator's peak (its own column)."""
+        return any(run.device_peak is not None for run in self.finished)
+
     def task_heatmap(self, level: float = HEATMAP_LEVEL) -> Heatmap | None:
         """Press x task at achieved compression ``level``: each press's task score interpolated on its own points
         (as accuracy at a level), ``no_press`` first; None without tasks or presses."""

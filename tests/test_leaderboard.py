@@ -480,7 +480,7 @@ def test_memory_and_speed_are_shown_when_measured(tmp_path):
     add_metrics(write_run(tmp_path, "r__knorm__0", "knorm", 0.5, 70.0, 0.5), **MEASURED)
     write_run(tmp_path, "r__snapkv__0", "snapkv", 0.5, 60.0, 0.5)  # not measured: "-" in its row
     page = pair_page(build_site(tmp_path, tmp_path / "site").parent, MODEL)
-    assert 'id="not-measured"' not in page
+    assert 'id="not-measured"' not in page and "peak GPU memory" not in page  # no run has an allocator's peak
     rows = {row[0]: row[4:] for row in table_rows(page, "memory")}
     # held / dense, held (the "end" value preferred), peak, prefill tok/s, decode tok/s
     assert rows["knorm"] == ["62.5%", "5.0 MiB", "100.0 MiB", "1,234.5", "56.2"]
@@ -488,6 +488,20 @@ def test_memory_and_speed_are_shown_when_measured(tmp_path):
     assert rows["snapkv"] == ["-"] * 5
     plot = re.search(r'<img src="\.\./(plots/[^"]+__memory\.svg)" alt="Accuracy versus KV-cache bytes', page)
     assert plot and (tmp_path / "site" / plot.group(1)).read_text().startswith("<?xml")
+
+
+def test_a_gpu_allocators_peak_gets_its_own_column(tmp_path):
+    """On a GPU, cells run one context at a time record the allocator's peak (weights included) and the cache's own
+    beside it; batched cells record the cache's. The peak KV column compares the caches; the allocator's is apart."""
+    add_metrics(write_run(tmp_path, "r__knorm__0", "knorm", 0.5, 70.0, 0.5), **MEASURED)
+    add_metrics(write_run(tmp_path, "r__kvzap__0", "kvzap_mlp", -4.0, 65.0, 0.6), **{
+        **MEASURED, "peak_memory_bytes": 16 * 2**30, "peak_memory_source": "cuda_allocator",
+        "kv_bytes_peak": 40 * 2**20})
+    page = pair_page(build_site(tmp_path, tmp_path / "site").parent, MODEL)
+    assert "<th class=\"num\">peak KV</th><th class=\"num\">peak GPU memory</th>" in page
+    rows = {row[0]: row[4:] for row in table_rows(page, "memory")}
+    assert rows["knorm"][2:4] == ["100.0 MiB", "-"]
+    assert rows["kvzap_mlp"][2:4] == ["40.0 MiB", "16,384.0 MiB"]
 
 
 def test_memory_and_speed_not_measured_says_so(site):
