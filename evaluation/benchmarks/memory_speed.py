@@ -38,7 +38,8 @@ import fire
 import torch
 from transformers import DynamicCache, Qwen3Config, Qwen3ForCausalLM
 
-from evaluation.models import load_model
+from evaluation.config import ConfigError
+from evaluation.models import check_device, load_model
 from presses import build_press, compat
 from presses.base_press import BasePress, LayerInputs
 from presses.compact_cache import CompactLayer
@@ -286,7 +287,8 @@ def parse_shapes(shapes) -> list[tuple[int, int]]:
     try:
         return [(int(batch), int(tokens)) for batch, tokens in (str(item).strip().split("x") for item in items)]
     except ValueError:
-        raise SystemExit(f"--shapes {shapes!r}: give batch x tokens pairs, e.g. 1x4096,12x16384") from None
+        raise SystemExit(f"memory_speed: --shapes {shapes!r}: give batch x tokens pairs, e.g. 1x4096,12x16384"
+                         ) from None
 
 
 def main(repeats: int = 3, threads: int = 1, big_batch: int = 12, skip_8b: bool = False, chunk_size: int = 512,
@@ -295,9 +297,13 @@ def main(repeats: int = 3, threads: int = 1, big_batch: int = 12, skip_8b: bool 
     """``--device cuda --dtype bfloat16 --layers 36 --shapes 1x32768,6x32768 --prefill_tokens 32768 --skip_kvtiny``
     is the GPU run: full-depth Qwen3-8B-shaped layers, and the prefill's peak from the CUDA allocator."""
     torch.set_num_threads(threads)
+    try:
+        check_device(device)
+    except ConfigError as error:
+        raise SystemExit(f"memory_speed: {error}") from None
     torch_dtype = getattr(torch, dtype, None)
     if not isinstance(torch_dtype, torch.dtype):
-        raise SystemExit(f"--dtype {dtype}: not a torch dtype; use float32, bfloat16 or float16")
+        raise SystemExit(f"memory_speed: --dtype {dtype} is not a torch dtype: use float32, bfloat16 or float16")
     grid = parse_shapes(shapes or f"1x4096,1x16384,{big_batch}x16384")
     models = []
     if not skip_kvtiny:
