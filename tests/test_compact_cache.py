@@ -276,7 +276,10 @@ def test_a_cache_a_press_cannot_compress_is_refused_in_one_line_in_both_storages
     """Compact storage used to swap such layers for its own, silently dropping the FP8 quantization asked for."""
     model, tokenizer = kvtiny
     ids = encode_prompt(tokenizer, needles[0]["context"], [needles[0]["question"]], needles[0]["answer_prefix"])
-    cache = make_cache(model.config)
+    try:
+        cache = make_cache(model.config)
+    except ValueError as error:  # FP8 quantized caches arrived after transformers 5.17
+        pytest.skip(f"this transformers cannot build the cache: {error}")
     with pytest.raises(PressError, match=r"^cache layer type \w+ is not supported: use a DynamicCache$"):
         with build_press("knorm", compression_ratio=0.5)(model, tokenizer, kv_storage=storage):
             model.generate(ids.context_ids, max_new_tokens=2, do_sample=False, **{compat.model_cache_kwarg(): cache})

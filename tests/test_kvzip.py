@@ -8,7 +8,7 @@ from conftest import make_model, make_tokenizer, random_ids
 from transformers import DynamicCache
 
 from presses import KVzipPress, PressError
-from presses.compat import model_cache_kwarg
+from presses.compat import cache_from_kwargs, model_cache_kwarg
 from presses.kvzip_press import REPEAT_FIRST_CHUNK, chat_template_pieces
 
 
@@ -21,7 +21,8 @@ def repeat_attention(model, tokenizer, context: torch.Tensor):
     captured = {}
 
     def capture(module, args, kwargs, output):
-        captured[module.layer_idx] = (kwargs["hidden_states"], kwargs["cache"].layers[module.layer_idx].values)
+        values = cache_from_kwargs(kwargs).layers[module.layer_idx].values
+        captured[module.layer_idx] = (kwargs["hidden_states"], values)
 
     handles = [layer.self_attn.register_forward_hook(capture, with_kwargs=True) for layer in model.model.layers]
     with torch.no_grad():
