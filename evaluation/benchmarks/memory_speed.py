@@ -312,8 +312,8 @@ def main(repeats: int = 3, threads: int = 1, big_batch: int = 12, skip_8b: bool 
     if not skip_8b:
         big = qwen3_8b_layers(layers, device, torch_dtype)
         torch.manual_seed(0)
-        surrogate = KVzapModel(KVzapConfig(input_dim=4096, output_dim=8, n_modules=layers, hidden_dim=512)).eval()
-        models.append((f"qwen3-8b x{layers} layers", big, surrogate))
+        big_surrogate = KVzapModel(KVzapConfig(input_dim=4096, output_dim=8, n_modules=layers, hidden_dim=512)).eval()
+        models.append((f"qwen3-8b x{layers} layers", big, big_surrogate))
     if device.startswith("cuda"):
         print(f"{torch.cuda.get_device_name(device)}, {dtype}")
     print(f"{'model':<20} {'batch x tokens':>14} {'press':<13} {'achieved':>8} {'KV held':>8} {'mask step':>9} "
@@ -356,7 +356,7 @@ def main(repeats: int = 3, threads: int = 1, big_batch: int = 12, skip_8b: bool 
         if prefill_tokens and not skip_8b:
             weights = sum(p.numel() * p.element_size() for p in big.parameters())
             prefills.append((f"{prefill_tokens} random tokens on {models[-1][0]}",
-                             random_prefill_peaks(big, surrogate, prefill_tokens, chunk_size), weights))
+                             random_prefill_peaks(big, big_surrogate, prefill_tokens, chunk_size), weights))
     for what, peaks, weights in prefills:
         for label, row in peaks.items():
             line = (f"prefill of {what}, {label}: achieved {row['achieved']:.3f}, KV peak {row['peak_ratio']:.3f} "
