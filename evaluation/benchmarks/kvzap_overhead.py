@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import fire
@@ -22,6 +21,7 @@ from transformers import DynamicCache, Qwen3Config, Qwen3ForCausalLM
 
 from presses import build_press
 from presses.compat import model_cache_kwarg
+from presses.generation import device_clock
 from presses.kvzap_press import KVzapConfig, KVzapModel
 
 QWEN3_8B = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
@@ -44,17 +44,13 @@ def flop_ratio(hidden: int = 4096, heads: int = 32, kv_heads: int = 8, head_dim:
 @torch.no_grad()
 def prefill_seconds(model, press, ids: torch.Tensor) -> float:
     cache = DynamicCache(config=model.config)
-    if ids.device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
+    start = device_clock(ids.device)
     if press is None:
         model(input_ids=ids, **{model_cache_kwarg(): cache}, use_cache=True)
     else:
         with press(model):
             model(input_ids=ids, **{model_cache_kwarg(): cache}, use_cache=True)
-    if ids.device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return device_clock(ids.device) - start
 
 
 def measure(model, checkpoint: str, length: int, repeats: int, device: str) -> tuple[float, float]:

@@ -73,6 +73,10 @@ def qwen3_8b_layers(n_layers: int = 2, device: str = "cpu", dtype: torch.dtype =
         torch.set_default_dtype(default)
 
 
+def weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 def make_press(name: str, model, kvzap_surrogate: KVzapModel | None):
     if name == "kvzap_mlp":
         press = build_press(name, threshold=0.0)
@@ -158,7 +162,7 @@ def measure_shape(model, surrogate, batch: int, n: int, repeats: int) -> list[di
     shape = (batch, config.num_key_value_heads, n, head_dim)
     keys, values = ([torch.randn(shape, generator=generator, device=parameter.device, dtype=parameter.dtype)
                      for _ in range(config.num_hidden_layers)] for _ in range(2))
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights = weight_bytes(model)
     dense = dense_cache(model, keys, values)
     dense_bytes = kv_bytes(dense)
     no_press = build_press("no_press")
@@ -354,7 +358,7 @@ def main(repeats: int = 3, threads: int = 1, big_batch: int = 12, skip_8b: bool 
         if not skip_kvtiny:
             prefills.append(("a 4k RULER context on kvtiny", ruler_prefill_peaks(chunk_size, 4096), None))
         if prefill_tokens and not skip_8b:
-            weights = sum(p.numel() * p.element_size() for p in big.parameters())
+            weights = weight_bytes(big)
             prefills.append((f"{prefill_tokens} random tokens on {models[-1][0]}",
                              random_prefill_peaks(big, big_surrogate, prefill_tokens, chunk_size), weights))
     for what, peaks, weights in prefills:
