@@ -27,16 +27,21 @@ mirrored from the press's logical mask (batch, kv_heads, tokens seen) by :meth:`
 Attention: the dense prefill uses the model's own kernel (sdpa, flash-attention, eager). Later forwards attend to
 the pages and the recent region at once (:meth:`CompactLayer.attend`): one batched matmul per region (head-wise
 pages add their empty slots' ``-inf`` inside it, from a bias kept beside the pages), a max and a sum per (row, head)
-combined across pages with ``scatter_reduce``/``index_add``, softmax in float32. The cost of a
-step is proportional to the pairs held, and nothing in it grows with the eviction history. A packed layer tags the
+combined across pages with ``scatter_reduce``/``index_add``, softmax in float32. The cost of a step is proportional
+to the pairs held, and nothing in it grows with the eviction history; a forward of many tokens (a prefill chunk) is
+attended a block of queries at a time, its logits capped at :data:`ATTEND_LOGITS_BYTES`. A packed layer tags the
 keys its ``update`` returns with itself, which is how the attention finds it: transformers' sdpa and
 flash-attention are registered through :func:`reading_compact_layers`, which sends a packed layer to the compact
 kernel and anything else to the kernel itself. So flash-attention, which cannot mask, runs presses with compact
 storage, and a cache compressed inside ``with press(model)`` stays compressed, and readable, after the block
 (kvpress's pattern: prefill under the press, answer with the cache). Eager attention is not in transformers'
 registry: a press switches the model to :func:`compact_eager_attention` while it is on, and answering after the
-block is refused in one line. flash-attention's varlen kernel over the pages is not built (decoding steps use the
-compact kernel under flash-attention too).
+block is refused in one line. Under flash-attention, forwards of several tokens over a packed layer (questions,
+prefill chunks) go to flash-attention's varlen kernel, through transformers' own flash entry: each (row, KV head) is
+one sequence of its held pairs, copied into one run per head (:meth:`CompactLayer.held_pairs`). Decoding steps keep
+the compact kernel, which reads the pairs where they are rather than copying everything held each step (a choice
+by bytes moved, not measured on a GPU). flash-attn's paged entry (``block_table``) would read the pages in place,
+but it takes pages of a multiple of 256 pairs only, and head-wise layouts use 16 to 512.
 
 A left-padded batch: the compact kernel has no attention mask, so the prefill's padding keys are freed with the
 first eviction (the layer reads them off the prefill's mask, ``padding``).
@@ -59,6 +64,7 @@ from presses.errors import PressError
 # stays under ~1/16 of what is held, within these bounds (small pages are slow: many tiny matmuls).
 MIN_PAGE_SIZE, MAX_PAGE_SIZE = 16, 512
 FOLD_MIN = 256  # recent tokens before evicted ones there are freed by folding the region into the pages
+ATTEND_LOGITS_BYTES = 64 * 2**20  # most float32 logits the compact kernel makes at once (queries are blocked)
 EMPTY = torch.iinfo(torch.int32).max  # page slot without a pair (padding or freed)
 # A packed layer tags the keys its update() returns with itself, so the attention finds the layer it must read.
 LAYER_TAG = "kvpress_compact_layer"
@@ -386,14 +392,89 @@ class CompactLayer(DynamicLayer):
         layer.apply_evictions(evicted)
         return layer
 
+    def held_pairs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A copy of every held pair of a packed layer as one run per (row, head), in position order: keys and values
+        (total, head_dim) and the runs' lengths (batch * kv_heads), the layout of flash-attention's varlen kernel."""
+        bh, dim, r = self.batch * self.heads, self.page_keys.shape[-1], self.recent_len
+        page_slots = (self.page_positions != EMPTY).reshape(-1).nonzero().squeeze(1)
+        page_owner = self.page_owner[page_slots // self.page_positions.shape[1]]  # sorted: an owner's pages are
+        recent_slots = (~self.recent_evicted[:, :, :r]).reshape(-1).nonzero().squeeze(1)  # consecutive
+        recent_owner = recent_slots // max(r, 1)
+        page_counts = torch.bincount(page_owner, minlength=bh)
+        recent_counts = torch.bincount(recent_owner, minlength=bh)
+        lengths = page_counts + recent_counts
+        start = torch.cumsum(lengths, 0) - lengths
+        # a run is its owner's page pairs, then its recent ones; each already in position order
+        page_rank = torch.arange(page_slots.numel(), device=self.device) - (torch.cumsum(page_counts, 0)
+                                                                             - page_counts)[page_owner]
+        recent_rank = torch.arange(recent_slots.numel(), device=self.device) - (torch.cumsum(recent_counts, 0)
+                                                                                 - recent_counts)[recent_owner]
+        page_destination = start[page_owner] + page_rank
+        recent_destination = start[recent_owner] + page_counts[recent_owner] + recent_rank
+        out = []
+        for pages, recent in ((self.page_keys, self.recent_keys), (self.page_values, self.recent_values)):
+            held = pages.new_empty(int(lengths.sum()), dim)
+            held[page_destination] = pages.reshape(-1, dim)[page_slots]
+            held[recent_destination] = recent[:, :, :r].reshape(-1, dim)[recent_slots]
+            out.append(held)
+        return out[0], out[1], lengths
+
     # -- attention ------------------------------------------------------------------------------------------
+
+    def attends_varlen(self, q_len: int) -> bool:
+        """Whether a forward of ``q_len`` tokens reads this layer with flash-attention's varlen kernel
+        (:meth:`attend_varlen`) rather than :meth:`attend`: forwards of several tokens (a question, an answer
+        prefix, a prefill chunk), for which the compact kernel would hold a (queries x held pairs) float32 block of
+        logits at once, and none of whose own tokens is evicted (the kernel's causal mask counts them all). A
+        decoding step keeps :meth:`attend`, which reads the held pairs where they are: the varlen kernel needs
+        them copied into one run per head first (:meth:`held_pairs`), a copy of everything held each step."""
+        return 1 < q_len <= self.recent_len and not bool(
+            self.recent_evicted[:, :, self.recent_len - q_len:self.recent_len].any())
+
+    def attend_varlen(self, kernel, module: nn.Module, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        """:meth:`attend` through ``kernel``, transformers' flash-attention entry, with its varlen kernel: each
+        (row, KV head) is one sequence of its held pairs (:meth:`held_pairs`) and of this forward's queries of its
+        query group (its heads); causal, aligned to the end (this forward's tokens are the last of each run).
+        Returns the output (batch, q, num_heads, head_dim)."""
+        batch, num_heads, q_len, dim = query.shape
+        heads = self.heads
+        groups = num_heads // heads
+        bh = batch * heads
+        keys, values, lengths = self.held_pairs()
+        int32 = dict(dtype=torch.int32, device=query.device)
+        cu_seq_lens_k = torch.zeros(bh + 1, **int32)
+        cu_seq_lens_k[1:] = torch.cumsum(lengths, 0)
+        cu_seq_lens_q = torch.arange(0, (bh + 1) * q_len, q_len, **int32)
+        # (batch, heads * groups, q, dim) -> one sequence of q tokens per (row, head), its group as the heads
+        queries = query.view(batch, heads, groups, q_len, dim).transpose(2, 3).reshape(1, bh * q_len, groups, dim)
+        output, _ = kernel(module, queries.transpose(1, 2), keys.view(1, 1, -1, dim), values.view(1, 1, -1, dim),
+                           None, dropout=0.0, scaling=scaling, is_causal=True, cu_seq_lens_q=cu_seq_lens_q,
+                           cu_seq_lens_k=cu_seq_lens_k, max_length_q=q_len, max_length_k=int(lengths.max()))
+        return output.view(batch, heads, q_len, groups, dim).transpose(1, 2).reshape(batch, q_len, num_heads, dim)
+
 
     def attend(self, query: torch.Tensor, scaling: float, with_weights: bool = False
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Attention of this forward's queries (batch, num_heads, q, head_dim) over everything the layer holds
         (this forward's tokens are already in the recent region). Returns the output (batch, q, num_heads, head_dim)
         and, if ``with_weights``, the attention weights over every position seen (batch, num_heads, q, tokens seen),
-        zero at freed pairs, as eager attention over a masked cache gives them (``output_attentions``)."""
+        zero at freed pairs, as eager attention over a masked cache gives them (``output_attentions``).
+
+        A forward of many queries over many held pairs (a prefill chunk) is attended a block of queries at a time,
+        so that its float32 logits stay under :data:`ATTEND_LOGITS_BYTES`: a chunk's transient memory then does not
+        grow with the pairs held times the chunk."""
+        batch, num_heads, q_len, _ = query.shape
+        slots = self.page_positions.numel() + batch * self.heads * self.recent_len  # logits per query and group
+        block = max(1, ATTEND_LOGITS_BYTES // (4 * (num_heads // self.heads) * slots))
+        if with_weights or block >= q_len:
+            return self._attend(query, scaling, with_weights)
+        outputs = [self._attend(query[:, :, start:start + block], scaling, later=max(0, q_len - start - block))[0]
+                   for start in range(0, q_len, block)]
+        return torch.cat(outputs, 1), None
+
+    def _attend(self, query: torch.Tensor, scaling: float, with_weights: bool = False, later: int = 0
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`attend` for queries of this forward's tokens followed by ``later`` more of its tokens."""
         batch, num_heads, q_len, dim = query.shape
         heads = self.heads
         groups = num_heads // heads
@@ -406,8 +487,8 @@ class CompactLayer(DynamicLayer):
         recent_values = self.recent_values[:, :, :r].reshape(bh, r, dim)
         recent_logits = torch.bmm(queries, recent_keys.transpose(1, 2)).float().mul_(scaling)  # (bh, gq, r)
         blocked = self.recent_evicted[:, :, :r].reshape(bh, 1, r)
-        if q_len > 1:
-            first = r - q_len  # recent index of this forward's first token
+        if q_len > 1 or later:
+            first = r - later - q_len  # recent index of the first query's token
             future = torch.arange(r, device=query.device)[None, :] > first + torch.arange(q_len, device=query.device)[
                 :, None]  # (q, r)
             blocked = blocked | future.repeat(groups, 1)[None]
@@ -504,9 +585,10 @@ def _pad_false(mask: torch.Tensor | None, shape: torch.Size, n: int) -> torch.Te
     return padded
 
 
-def reading_compact_layers(kernel):
+def reading_compact_layers(kernel, varlen: bool = False):
     """``kernel`` (transformers' sdpa or flash-attention), except over a packed compact layer, which it reads with
-    :meth:`CompactLayer.attend`.
+    :meth:`CompactLayer.attend`, or, with ``varlen`` (``kernel`` is flash-attention's entry), forwards of several
+    tokens with the kernel's varlen path (:meth:`CompactLayer.attend_varlen`).
 
     Registered in place of the kernel, so that a press needs no switch of attention implementation for it, and a
     cache compressed inside ``with press(model)`` stays compressed, and readable, after the block, as kvpress's
@@ -519,7 +601,10 @@ def reading_compact_layers(kernel):
         layer = getattr(key, LAYER_TAG, None)
         if layer is None or not layer.packed:
             return kernel(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-        return layer.attend(query, query.shape[-1] ** -0.5 if scaling is None else scaling)
+        scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+        if varlen and layer.attends_varlen(query.shape[2]):
+            return layer.attend_varlen(kernel, module, query, scaling), None
+        return layer.attend(query, scaling)
 
     attention.kernel = kernel
     return attention
@@ -527,7 +612,8 @@ def reading_compact_layers(kernel):
 
 for _name in WRAPPED_KERNELS:
     if _name in ALL_ATTENTION_FUNCTIONS and not hasattr(ALL_ATTENTION_FUNCTIONS[_name], "kernel"):
-        AttentionInterface.register(_name, reading_compact_layers(ALL_ATTENTION_FUNCTIONS[_name]))
+        AttentionInterface.register(_name, reading_compact_layers(ALL_ATTENTION_FUNCTIONS[_name],
+                                                                  varlen=_name.startswith("flash")))
 AttentionInterface.register(COMPACT_EAGER, compact_eager_attention)
 ALL_MASK_ATTENTION_FUNCTIONS.register(COMPACT_EAGER, eager_mask)
 

@@ -151,16 +151,51 @@ def reference_attention(query, keys, values, evicted, scaling):
     return (weights @ v).transpose(1, 2).float(), weights.float()
 
 
-def assert_attends_as(layer, query, expected) -> None:
-    """The compact kernel's output, and its weights over every position (zero where freed), equal the reference."""
+def assert_attends_as(layer, query, expected, flash_varlen=None) -> bool:
+    """The compact kernel's output, and its weights over every position (zero where freed), equal the reference;
+    so does the output of the varlen path (``flash_varlen``) where the layer takes it. Returns whether it did."""
     output, weights = layer.attend(query, 0.25, with_weights=True)
     torch.testing.assert_close(output, expected[0], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(weights, expected[1], atol=1e-6, rtol=1e-4)
-    assert layer.attend(query, 0.25)[1] is None
+    output, weights = layer.attend(query, 0.25)  # without weights, the queries may be blocked
+    torch.testing.assert_close(output, expected[0], atol=1e-5, rtol=1e-4)
+    assert weights is None
+    if flash_varlen is None or not layer.attends_varlen(query.shape[2]):
+        return False
+    torch.testing.assert_close(flash_varlen(layer, query, 0.25), expected[0], atol=1e-5, rtol=1e-4)
+    return True
 
 
+def patch_flash_kernels(monkeypatch) -> None:
+    """transformers' flash-attention path with flash-attn's kernels replaced by the CPU references above."""
+    import transformers.modeling_flash_attention_utils as flash_utils
+
+    monkeypatch.setattr(flash_utils, "_lazy_imports", lambda *args, **kwargs: (
+        reference_flash, reference_flash_varlen, None, flash_utils._pad_input, flash_utils._unpad_input))
+    monkeypatch.setattr(flash_utils, "_loaded_implementation", None)
+
+
+@pytest.fixture
+def flash_varlen(monkeypatch):
+    """``(layer, query, scaling) -> output``: a packed layer read by :meth:`CompactLayer.attend_varlen` through
+    transformers' flash-attention entry, its kernels the CPU references."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.flash_attention import flash_attention_forward
+
+    patch_flash_kernels(monkeypatch)
+    module = torch.nn.Linear(1, 1)  # an attention module as the entry reads it: config, causal, weights' dtype
+    module.config, module.is_causal = SimpleNamespace(_attn_implementation="flash_attention_2"), True
+    return lambda layer, query, scaling: layer.attend_varlen(flash_attention_forward, module, query, scaling)
+
+
+@pytest.mark.parametrize("logits_bytes", [None, 4096])
 @pytest.mark.parametrize("head_wise", [False, True])
-def test_compact_attention_equals_masked_dense_attention(head_wise):
+def test_compact_attention_equals_masked_dense_attention(head_wise, logits_bytes, flash_varlen, monkeypatch):
+    """Uniform and head-wise layouts, before and after holes, folds and crops; with ``logits_bytes``, the compact
+    kernel's logits are capped so low that a forward of several tokens is attended one query at a time."""
+    if logits_bytes is not None:
+        monkeypatch.setattr("presses.compact_cache.ATTEND_LOGITS_BYTES", logits_bytes)
     torch.manual_seed(0)
     batch, heads, groups, n, dim = 2, 3, 2, 300, 16
     keys, values = torch.randn(batch, heads, n, dim), torch.randn(batch, heads, n, dim)
@@ -179,21 +214,29 @@ def test_compact_attention_equals_masked_dense_attention(head_wise):
         query = torch.randn(batch, heads * groups, stop - start, dim)
         expected = reference_attention(query, keys[:, :, :stop], values[:, :, :stop], evicted[..., :stop] & (
             torch.arange(stop) < 200), 0.25)
-        assert_attends_as(layer, query, expected)
+        assert assert_attends_as(layer, query, expected, flash_varlen) == (stop - start > 1)
     # a decoding press evicts question and old context pairs: freed, then folded into pages
     later = evicted.clone()
     later[..., 200:290] |= scores[..., 200:290] < 0.5
     layer.apply_evictions(later)
     query = torch.randn(batch, heads * groups, 1, dim)
     expected = reference_attention(query, keys, values, later, 0.25)
-    assert_attends_as(layer, query, expected)
+    assert_attends_as(layer, query, expected, flash_varlen)
     # a few context pairs: their page slots are freed in place (no repack yet), and attention skips them at once
     fewer = later.clone()
     fewer[..., :200] |= torch.rand(batch, heads, 200) < 0.04
     layer.apply_evictions(fewer)
     assert 0 < layer.holes < layer.page_positions.numel() // 4
     expected = reference_attention(query, keys, values, fewer, 0.25)
-    assert_attends_as(layer, query, expected)
+    assert_attends_as(layer, query, expected, flash_varlen)
+    wide = torch.randn(batch, heads * groups, 4, dim)  # the last 4 tokens' queries, over pages with holes
+    assert assert_attends_as(layer, wide, reference_attention(wide, keys, values, fewer, 0.25), flash_varlen) == (
+        not bool(fewer[..., 296:].any()))  # unless one of the queries' own tokens is evicted
+    evicted_own = fewer.clone()
+    evicted_own[..., 297] = True  # a query's own token evicted: the varlen kernel's causal mask would count it
+    layer.apply_evictions(evicted_own)
+    assert not layer.attends_varlen(4) and layer.attends_varlen(2) == (not bool(fewer[..., 298:].any()))
+    fewer = evicted_own
     # many context pairs and more recent ones at once: the pages are repacked, and the recent evictions survive it
     latest = fewer.clone()
     latest[..., :150] |= scores[..., :150] < 0.9
@@ -201,7 +244,7 @@ def test_compact_attention_equals_masked_dense_attention(head_wise):
     layer.apply_evictions(latest)
     assert layer.recent_start == 300 and layer.recent_len == 0  # folded
     expected = reference_attention(query, keys, values, latest, 0.25)
-    assert_attends_as(layer, query, expected)
+    assert_attends_as(layer, query, expected, flash_varlen)
     logical_keys, _ = layer.logical_keys_values()
     kept = ~latest
     torch.testing.assert_close(logical_keys[kept], keys[kept])
@@ -387,6 +430,11 @@ def test_selecting_rows_of_a_packed_layer_keeps_their_pairs(head_wise):
     assert layer.kv_bytes() == expected.kv_bytes()
     query = torch.randn(4, 4, 1, 8, generator=generator)
     torch.testing.assert_close(layer.attend(query, 0.3)[0], expected.attend(query, 0.3)[0])
+    # the varlen kernel's layout: one run of held pairs per (row, head), in position order
+    held_keys, held_values, lengths = layer.held_pairs()
+    kept = ~evicted[rows]
+    assert torch.equal(lengths, kept.sum(-1).reshape(-1))
+    assert torch.equal(held_keys, keys[rows][kept]) and torch.equal(held_values, values[rows][kept])
 
 
 def test_eager_attention_weights_are_storage_independent(needles):
@@ -446,38 +494,63 @@ def test_a_compact_cache_under_eager_attention_is_refused_after_the_press_block_
     assert torch.equal(inside, prefill_then_answer(model, tokenizer, needles[0], press, "mask", answer_inside=True))
 
 
-FLASH_CALLS: list[int] = []  # query lengths the flash stand-in was called with
+FLASH_CALLS: list[tuple[str, int]] = []  # (function, longest query) of each call to the flash stand-ins
 
 
-def flash_attention_on_cpu(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """A CPU stand-in for transformers' flash-attention kernel, to its contract: queries (batch, heads, q, dim),
-    keys and values (batch, kv_heads, k, dim), a 2D padding mask (1 = token) or None, causal aligned to the end
-    (the queries are the last q positions); returns (batch, q, heads, dim)."""
-    FLASH_CALLS.append(query.shape[2])
-    groups = query.shape[1] // key.shape[1]
-    keys, values = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
-    logits = (query @ keys.transpose(-1, -2)).float() * (scaling or query.shape[-1] ** -0.5)
-    q_len, k_len = query.shape[2], key.shape[2]
-    blocked = torch.arange(k_len)[None, :] > (k_len - q_len + torch.arange(q_len))[:, None]
-    if attention_mask is not None:
-        blocked = blocked[None, None] | (attention_mask[:, None, None, :k_len] == 0)
-    # a padding query sees no key: flash-attention skips it (unpadded), its output here is zero, not NaN
-    weights = logits.masked_fill(blocked, float("-inf")).softmax(-1).nan_to_num(0.0).to(values.dtype)
-    return (weights @ values).transpose(1, 2).contiguous(), None
+def reference_flash_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                           deterministic=False, return_attn_probs=False, block_table=None):
+    """flash-attn 2's ``flash_attn_varlen_func`` to its documented contract, in torch on CPU (no flash-attn here):
+    sequence i is queries ``q[cu_seqlens_q[i]:cu_seqlens_q[i+1]]`` (tokens, heads, dim) over keys and values
+    ``k``/``v`` ``[cu_seqlens_k[i]:cu_seqlens_k[i+1]]`` (tokens, kv_heads, dim), heads a multiple of kv_heads (GQA);
+    causal aligned to the bottom right (query j of sq sees keys up to sk - sq + j); ``max_seqlen_*`` are ints."""
+    assert cu_seqlens_q.dtype == cu_seqlens_k.dtype == torch.int32
+    assert isinstance(max_seqlen_q, int) and isinstance(max_seqlen_k, int)
+    assert dropout_p == 0.0 and block_table is None and window_size == (-1, -1)
+    FLASH_CALLS.append(("varlen", max_seqlen_q))
+    out = torch.zeros_like(q)
+    groups = q.shape[1] // k.shape[1]
+    scale = softmax_scale or q.shape[-1] ** -0.5
+    for i in range(cu_seqlens_q.numel() - 1):
+        (q0, q1), (k0, k1) = cu_seqlens_q[i:i + 2].tolist(), cu_seqlens_k[i:i + 2].tolist()
+        assert q1 - q0 <= max_seqlen_q and k1 - k0 <= max_seqlen_k
+        queries = q[q0:q1].transpose(0, 1).float()
+        keys, values = (x[k0:k1].transpose(0, 1).repeat_interleave(groups, 0).float() for x in (k, v))
+        logits = queries @ keys.transpose(-1, -2) * scale
+        if causal:
+            sq, sk = q1 - q0, k1 - k0
+            logits.masked_fill_(torch.arange(sk)[None, :] > (sk - sq + torch.arange(sq))[:, None], float("-inf"))
+        out[q0:q1] = (logits.softmax(-1).nan_to_num(0.0) @ values).transpose(0, 1).to(q.dtype)
+    return out
+
+
+def reference_flash(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                    alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """flash-attn 2's ``flash_attn_func`` (batch, tokens, heads, dim): every row one sequence of the varlen one."""
+    batch, sq, sk = q.shape[0], q.shape[1], k.shape[1]
+    cu = dict(dtype=torch.int32)
+    cu_q, cu_k = (torch.arange(0, (batch + 1) * length, length, **cu) for length in (sq, sk))
+    out = reference_flash_varlen(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_q, cu_k, sq, sk, dropout_p,
+                                 softmax_scale, causal, window_size)
+    FLASH_CALLS[-1] = ("dense", sq)
+    return out.view(q.shape)
 
 
 @pytest.fixture
 def kvtiny_under_flash(monkeypatch):
-    """kvtiny routed through the flash-attention entry of transformers' registry, its kernel a CPU stand-in (no
-    flash-attn here): what runs is transformers' flash path and the compact cache's routing around it."""
+    """kvtiny on transformers' own flash-attention path (its entry in the registry, the padding-free, unpadding and
+    varlen branches), with flash-attn's kernels replaced by CPU references (no flash-attn here): what runs is
+    transformers' flash path and the compact cache's routing around it, as on a GPU but for the kernels."""
     from transformers import AttentionInterface
+    from transformers.integrations.flash_attention import flash_attention_forward
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     from presses.compact_cache import reading_compact_layers
 
+    patch_flash_kernels(monkeypatch)
     monkeypatch.setitem(AttentionInterface._global_mapping, "flash_attention_2",
-                        reading_compact_layers(flash_attention_on_cpu))
-    assert ALL_ATTENTION_FUNCTIONS["flash_attention_2"].kernel is flash_attention_on_cpu
+                        reading_compact_layers(flash_attention_forward, varlen=True))
+    assert ALL_ATTENTION_FUNCTIONS["flash_attention_2"].kernel is flash_attention_forward
     model, tokenizer = load_model("kvtiny", "cpu")
     compat.set_attn_implementation(model, "flash_attention_2")
     return model, tokenizer
@@ -494,11 +567,30 @@ def test_presses_run_under_flash_attention_with_compact_storage(kvtiny, kvtiny_u
         under_flash, measures = answer(kvtiny_under_flash, record, build_press(name, **knob), "compact")
         masked, _ = answer(kvtiny, record, build_press(name, **knob), "mask")
         assert under_flash == masked
-        assert max(FLASH_CALLS) > 100  # the context's prefill ran the flash kernel
+        assert max(length for kind, length in FLASH_CALLS if kind == "dense") > 100  # the prefill ran flash
+        # the questions (several tokens each) read the packed cache with the varlen kernel, the decoding steps
+        # (one token each) with the compact kernel
+        varlen = [length for kind, length in FLASH_CALLS if kind == "varlen"]
+        assert varlen and min(varlen) > 1
         assert measures.kv_bytes_held_after_prefill < 0.8 * measures.kv_bytes_dense  # and pairs were freed
     assert kvtiny_under_flash[0].config._attn_implementation == "flash_attention_2"
     with pytest.raises(PressError, match="needs attn_implementation 'sdpa' or 'eager'"):  # flash cannot mask
         answer(kvtiny_under_flash, needles[0], build_press(name, **knob), "mask")
+
+
+def test_chunked_prefill_under_flash_attention_reads_earlier_chunks_with_the_varlen_kernel(kvtiny, kvtiny_under_flash,
+                                                                                           needles):
+    """Each chunk after the first attends to what earlier chunks kept, through the varlen kernel: the same answers
+    as sdpa (compact kernel), with no (chunk x held pairs) block of logits."""
+    for record in needles:
+        FLASH_CALLS.clear()
+        press = build_press("kvzap_mlp", threshold=-4.0)
+        under_flash, measures = answer(kvtiny_under_flash, record, press, "compact", chunk=64)
+        assert under_flash == answer(kvtiny, record, build_press("kvzap_mlp", threshold=-4.0), "compact", chunk=64)[0]
+        assert ("dense", 64) in FLASH_CALLS  # the first chunk
+        # chunks after the first evictions (the first 128 tokens are kvzap's window), on each of the 4 layers
+        assert FLASH_CALLS.count(("varlen", 64)) >= 2 * 4
+        assert measures.kv_bytes_held_after_prefill < 0.8 * measures.kv_bytes_dense
 
 
 def test_a_left_padded_batch_under_flash_attention_answers_as_sdpa_with_masks(kvtiny, kvtiny_under_flash, needles):
