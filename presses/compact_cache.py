@@ -397,8 +397,9 @@ class CompactLayer(DynamicLayer):
         (total, head_dim) and the runs' lengths (batch * kv_heads), the layout of flash-attention's varlen kernel."""
         bh, dim, r = self.batch * self.heads, self.page_keys.shape[-1], self.recent_len
         page_slots = (self.page_positions != EMPTY).reshape(-1).nonzero().squeeze(1)
-        page_owner = self.page_owner[page_slots // self.page_positions.shape[1]]  # sorted: an owner's pages are
-        recent_slots = (~self.recent_evicted[:, :, :r]).reshape(-1).nonzero().squeeze(1)  # consecutive
+        # sorted by owner, and by position within an owner: an owner's pages are consecutive and in position order
+        page_owner = self.page_owner[page_slots // self.page_positions.shape[1]]
+        recent_slots = (~self.recent_evicted[:, :, :r]).reshape(-1).nonzero().squeeze(1)
         recent_owner = recent_slots // max(r, 1)
         page_counts = torch.bincount(page_owner, minlength=bh)
         recent_counts = torch.bincount(recent_owner, minlength=bh)
@@ -424,10 +425,11 @@ class CompactLayer(DynamicLayer):
     def attends_varlen(self, q_len: int) -> bool:
         """Whether a forward of ``q_len`` tokens reads this layer with flash-attention's varlen kernel
         (:meth:`attend_varlen`) rather than :meth:`attend`: forwards of several tokens (a question, an answer
-        prefix, a prefill chunk), for which the compact kernel would hold a (queries x held pairs) float32 block of
-        logits at once, and none of whose own tokens is evicted (the kernel's causal mask counts them all). A
-        decoding step keeps :meth:`attend`, which reads the held pairs where they are: the varlen kernel needs
-        them copied into one run per head first (:meth:`held_pairs`), a copy of everything held each step."""
+        prefix, a prefill chunk; flash-attention never makes their queries x held pairs logits, which the compact
+        kernel makes a block of queries at a time), none of whose own tokens is evicted (the kernel's causal mask
+        counts them all). A decoding step keeps :meth:`attend`, which reads the held pairs where they are: the
+        varlen kernel needs them copied into one run per head first (:meth:`held_pairs`), everything held, each
+        step."""
         return 1 < q_len <= self.recent_len and not bool(
             self.recent_evicted[:, :, self.recent_len - q_len:self.recent_len].any())
 
@@ -451,7 +453,6 @@ class CompactLayer(DynamicLayer):
                            None, dropout=0.0, scaling=scaling, is_causal=True, cu_seq_lens_q=cu_seq_lens_q,
                            cu_seq_lens_k=cu_seq_lens_k, max_length_q=q_len, max_length_k=int(lengths.max()))
         return output.view(batch, heads, q_len, groups, dim).transpose(1, 2).reshape(batch, q_len, num_heads, dim)
-
 
     def attend(self, query: torch.Tensor, scaling: float, with_weights: bool = False
                ) -> tuple[torch.Tensor, torch.Tensor | None]:

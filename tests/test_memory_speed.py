@@ -16,6 +16,9 @@ def test_measure_shape_rows_are_consistent():
     surrogate = KVzapModel(KVzapConfig(input_dim=64, output_dim=2, n_modules=2, hidden_dim=32)).eval()
     with torch.no_grad():
         rows = memory_speed.measure_shape(model, surrogate, batch=2, n=1024, repeats=1)
+        # steps of milliseconds: more rounds, until half a second of them
+        longer = memory_speed.measure_shape(model, surrogate, batch=2, n=1024, repeats=1, min_seconds=0.5)
+    assert {row["rounds"] for row in rows} == {1} and longer[0]["rounds"] > 2
     by_press = {row["press"]: row for row in rows}
     assert set(by_press) == set(memory_speed.PRESSES)
     for row in rows:

@@ -5,14 +5,16 @@ compression), prints the KV bytes held over a dense cache's, and the time of one
 for compact storage (pairs freed) and for masked storage (kvpress's way: every pair kept, evicted ones masked).
 Steps are timed interleaved: each round of a shape times the dense references and every press's mask and compact
 steps, in an order that rotates from round to round, so all see the same machine load; medians over the rounds are
-kept. ``bound`` is the physical bound of a step that must read the weights and the KV bytes held: (weights + held) /
-(weights + dense). Two dense references: the model's own sdpa over a dense cache (``compact step`` and ``mask step``
-are over it), and the compact kernel over every pair (``same kernel``: compact over it). On CPU, transformers' sdpa
-path copies each KV head for its query group (``repeat_kv``) before attending, which the compact kernel does not, so
-``compact step`` can beat the physical bound; ``same kernel`` isolates what freeing pairs saves. ``floor bound``
-counts what a step costs whatever its cache (the same kernel over 16 cached pairs, timed in the same rounds:
-weights, Python, kernel launches) as a share that cannot shrink, and the rest as shrinking with the bytes held: on
-kvtiny a batch-1 step is mostly such fixed costs, so the bytes bound is out of reach there.
+kept (``--repeats`` rounds at least, and more until ``--min_seconds`` of steps: a kvtiny step of a few milliseconds
+moves by half its length from round to round). ``bound`` is the physical bound of a step that must read the weights
+and the KV bytes held: (weights + held) / (weights + dense). Two dense references: the model's own sdpa over a dense
+cache (``compact step`` and ``mask step`` are over it), and the compact kernel over every pair (``same kernel``:
+compact over it). On CPU, transformers' sdpa path copies each KV head for its query group (``repeat_kv``) before
+attending, which the compact kernel does not, so ``compact step`` can beat the physical bound; ``same kernel``
+isolates what freeing pairs saves. ``floor bound`` counts what a step costs whatever its cache (the same kernel over
+16 cached pairs, timed in the same rounds: weights, Python, kernel launches) as a share that cannot shrink, and the
+rest as shrinking with the bytes held: on kvtiny a batch-1 step is mostly such fixed costs, so the bytes bound is
+out of reach there.
 
 The cache is filled with random keys and values (a step's time does not depend on their content); each press
 decides on them from random hidden states (kvzap_mlp: the threshold is set at the median score, for ~50%).
@@ -154,7 +156,9 @@ def step_seconds(model, cache, press, storage: str, masks, batch: int) -> float:
     return elapsed
 
 
-def measure_shape(model, surrogate, batch: int, n: int, repeats: int) -> list[dict]:
+def measure_shape(model, surrogate, batch: int, n: int, repeats: int, min_seconds: float = 0.0) -> list[dict]:
+    """Rows of one shape: ``repeats`` timed rounds after a warm-up round, more while the rounds take under
+    ``min_seconds`` in all (steps of a few milliseconds move by half their length from round to round)."""
     config = compat.text_config(model)
     head_dim = compat.head_dim(compat.attention_modules(model)[0])
     parameter = next(model.parameters())
@@ -195,13 +199,16 @@ def measure_shape(model, surrogate, batch: int, n: int, repeats: int) -> list[di
         steps[f"{name} compact"] = (compact, press, "compact", masks)
     order = list(steps)
     timings = {key: [] for key in order}
-    for round_index in range(repeats + 1):  # the first round warms up, and is dropped
+    round_index, timed = 0, 0.0
+    while round_index <= repeats or timed < min_seconds:  # the first round warms up, and is dropped
         rotation = round_index % len(order)
         for key in order[rotation:] + order[:rotation]:
             cache, press, storage, masks = steps[key]
             seconds = step_seconds(model, cache, press, storage, masks, batch)
             if round_index:
                 timings[key].append(seconds)
+                timed += seconds
+        round_index += 1
     reference = {key: timings[key] for key in ("dense", "dense_kernel", "floor")}
     measured = [(name, kept, held, {storage: statistics.median(timings[f"{name} {storage}"])
                                     for storage in ("mask", "compact")})
@@ -217,7 +224,8 @@ def measure_shape(model, surrogate, batch: int, n: int, repeats: int) -> list[di
                         "kernel_vs_sdpa": pooled["dense_kernel"] / pooled["dense"],
                         "bound": (weights + held) / (weights + dense_bytes), "dense_step_ms": 1000 * pooled["dense"],
                         "floor_bound": floor_bound(pooled["floor"] / pooled["dense_kernel"], held / dense_bytes),
-                        "dense_kv_gb": dense_bytes / 1e9, "weights_gb": weights / 1e9})
+                        "dense_kv_gb": dense_bytes / 1e9, "weights_gb": weights / 1e9,
+                        "rounds": len(reference["dense"])})
     return results
 
 
@@ -295,11 +303,12 @@ def parse_shapes(shapes) -> list[tuple[int, int]]:
                          ) from None
 
 
-def main(repeats: int = 3, threads: int = 1, big_batch: int = 12, skip_8b: bool = False, chunk_size: int = 512,
-         device: str = "cpu", dtype: str = "float32", layers: int = 2, shapes: str | None = None,
-         skip_kvtiny: bool = False, prefill_tokens: int | None = None) -> None:
+def main(repeats: int = 3, min_seconds: float = 20.0, threads: int = 1, big_batch: int = 12, skip_8b: bool = False,
+         chunk_size: int = 512, device: str = "cpu", dtype: str = "float32", layers: int = 2,
+         shapes: str | None = None, skip_kvtiny: bool = False, prefill_tokens: int | None = None) -> None:
     """``--device cuda --dtype bfloat16 --layers 36 --shapes 1x32768,6x32768 --prefill_tokens 32768 --skip_kvtiny``
-    is the GPU run: full-depth Qwen3-8B-shaped layers, and the prefill's peak from the CUDA allocator."""
+    is the GPU run: full-depth Qwen3-8B-shaped layers, and the prefill's peak from the CUDA allocator. Each shape
+    is timed over ``repeats`` rounds at least, and over ``min_seconds`` of steps at least."""
     torch.set_num_threads(threads)
     try:
         check_device(device)
@@ -337,7 +346,7 @@ def main(repeats: int = 3, threads: int = 1, big_batch: int = 12, skip_8b: bool 
                         print(f"{label} {batch} x {n}: skipped, needs about {needed / 2**30:.0f} GiB of the "
                               f"{free / 2**30:.0f} GiB free", flush=True)
                         continue
-                rows = measure_shape(model, surrogate, batch, n, repeats)
+                rows = measure_shape(model, surrogate, batch, n, repeats, min_seconds)
                 for row in rows:
                     print(f"{label:<20} {f'{batch} x {n}':>14} {row['press']:<13} {row['achieved']:>8.3f} "
                           f"{row['kv_bytes_ratio']:>8.3f} {row['mask_step_ratio']:>9.3f} "
