@@ -503,10 +503,11 @@ def reference_flash_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     """flash-attn 2's ``flash_attn_varlen_func`` to its documented contract, in torch on CPU (no flash-attn here):
     sequence i is queries ``q[cu_seqlens_q[i]:cu_seqlens_q[i+1]]`` (tokens, heads, dim) over keys and values
     ``k``/``v`` ``[cu_seqlens_k[i]:cu_seqlens_k[i+1]]`` (tokens, kv_heads, dim), heads a multiple of kv_heads (GQA);
-    causal aligned to the bottom right (query j of sq sees keys up to sk - sq + j); ``max_seqlen_*`` are ints."""
+    causal aligned to the bottom right (query j of sq sees keys up to sk - sq + j), a ``window_size`` (left, right)
+    of keys around that position (-1: unbounded); ``max_seqlen_*`` are ints."""
     assert cu_seqlens_q.dtype == cu_seqlens_k.dtype == torch.int32
     assert isinstance(max_seqlen_q, int) and isinstance(max_seqlen_k, int)
-    assert dropout_p == 0.0 and block_table is None and window_size == (-1, -1)
+    assert dropout_p == 0.0 and block_table is None and not softcap
     FLASH_CALLS.append(("varlen", max_seqlen_q))
     out = torch.zeros_like(q)
     groups = q.shape[1] // k.shape[1]
@@ -517,9 +518,15 @@ def reference_flash_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         queries = q[q0:q1].transpose(0, 1).float()
         keys, values = (x[k0:k1].transpose(0, 1).repeat_interleave(groups, 0).float() for x in (k, v))
         logits = queries @ keys.transpose(-1, -2) * scale
+        sq, sk = q1 - q0, k1 - k0
+        key_position, query_position = torch.arange(sk)[None, :], (sk - sq + torch.arange(sq))[:, None]
+        left, right = window_size
         if causal:
-            sq, sk = q1 - q0, k1 - k0
-            logits.masked_fill_(torch.arange(sk)[None, :] > (sk - sq + torch.arange(sq))[:, None], float("-inf"))
+            right = 0
+        if right >= 0:
+            logits.masked_fill_(key_position > query_position + right, float("-inf"))
+        if left >= 0:
+            logits.masked_fill_(key_position < query_position - left, float("-inf"))
         out[q0:q1] = (logits.softmax(-1).nan_to_num(0.0) @ values).transpose(0, 1).to(q.dtype)
     return out
 
@@ -541,6 +548,15 @@ def kvtiny_under_flash(monkeypatch):
     """kvtiny on transformers' own flash-attention path (its entry in the registry, the padding-free, unpadding and
     varlen branches), with flash-attn's kernels replaced by CPU references (no flash-attn here): what runs is
     transformers' flash path and the compact cache's routing around it, as on a GPU but for the kernels."""
+    route_flash_to_references(monkeypatch)
+    model, tokenizer = load_model("kvtiny", "cpu")
+    compat.set_attn_implementation(model, "flash_attention_2")
+    return model, tokenizer
+
+
+def route_flash_to_references(monkeypatch) -> None:
+    """flash_attention_2 in transformers' registry: its own entry, wrapped as the compact cache wraps it on import
+    (where flash-attn is installed), its kernels the CPU references."""
     from transformers import AttentionInterface
     from transformers.integrations.flash_attention import flash_attention_forward
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -551,9 +567,27 @@ def kvtiny_under_flash(monkeypatch):
     monkeypatch.setitem(AttentionInterface._global_mapping, "flash_attention_2",
                         reading_compact_layers(flash_attention_forward, varlen=True))
     assert ALL_ATTENTION_FUNCTIONS["flash_attention_2"].kernel is flash_attention_forward
-    model, tokenizer = load_model("kvtiny", "cpu")
-    compat.set_attn_implementation(model, "flash_attention_2")
-    return model, tokenizer
+
+
+@pytest.mark.parametrize("architecture", ["gemma3", "phi3"])
+def test_other_architectures_under_flash_attention_answer_as_under_sdpa(architecture, monkeypatch):
+    """Gemma3 (sliding-window layers beside the compressed full ones, its own query scaling) and Phi3 (fused qkv)
+    read their packed layers through the varlen kernel as kvtiny does."""
+    from conftest import make_model, make_tokenizer, random_ids
+
+    tokenizer = make_tokenizer()
+    answers = {}
+    for attention in ("sdpa", "flash"):
+        model = make_model(architecture)
+        if attention == "flash":
+            route_flash_to_references(monkeypatch)
+            compat.set_attn_implementation(model, "flash_attention_2")
+        FLASH_CALLS.clear()
+        got, _ = answer_questions(model, tokenizer, random_ids(300, seed=1), [random_ids(12, seed=2)],
+                                  build_press("knorm", compression_ratio=0.5), GenerationSettings(max_new_tokens=8))
+        answers[attention] = [answer.token_ids for answer in got]
+    assert answers["flash"] == answers["sdpa"]
+    assert ("varlen", 12) in FLASH_CALLS  # the question, over the packed layers
 
 
 @pytest.mark.parametrize("name, knob", [
