@@ -86,7 +86,8 @@ def check_flags(func, argv: list[str], command: str) -> None:
 @checked
 def run(config: str | None = None, **flags) -> None:
     """Run the sweep described by defaults < ``config`` (YAML) < ``flags``; print the results table."""
-    from evaluation.runner import results_table, run_sweep
+    from evaluation.executors import run_sweep
+    from evaluation.runner import results_table
 
     settings = resolve_config(config, **flags)
     results = run_sweep(settings)

@@ -183,10 +183,17 @@ def _ruler_lengths(value) -> int | list[int]:
     return lengths[0] if len(lengths) == 1 else list(dict.fromkeys(lengths))
 
 
+DATASET_ALIASES = {"longbench-e": "longbench_e"}  # kvpress's spelling of a dataset -> ours
+RULER_LENGTH_PREFIX = "ruler-"  # the sweep's name for RULER at one of several lengths: ruler-4096
+
+
+def canonical_name(name: str) -> str:
+    """Our name for a dataset given in kvpress's spelling (``longbench-e`` -> ``longbench_e``)."""
+    return DATASET_ALIASES.get(name, name)
+
+
 def expand_datasets(datasets: list[str], ruler_length: int | list[int]) -> list[str]:
     """Datasets as the sweep runs them: kvpress spellings in ours, and ``ruler`` once per length when several."""
-    from evaluation.datasets.registry import RULER_LENGTH_PREFIX, canonical_name
-
     expanded: list[str] = []
     for name in datasets:
         name = canonical_name(name)
@@ -306,11 +313,11 @@ def resolve_config(config_file: str | None = None, **cli) -> EvalConfig:
 def _data_files(value, datasets: list[str]) -> dict[str, str]:
     """``--data_files`` as {dataset: path}: a mapping (YAML), ``name=path,name=path``, or one path for one dataset."""
     if isinstance(value, dict):
-        files = {_canonical(str(name)): str(path) for name, path in value.items()}
+        files = {canonical_name(str(name)): str(path) for name, path in value.items()}
     else:
         items = _as_list("data_files", value)
         if all("=" in item for item in items):
-            files = {_canonical(name): path for name, path in (item.split("=", 1) for item in items)}
+            files = {canonical_name(name): path for name, path in (item.split("=", 1) for item in items)}
         elif len(items) == 1 and len(datasets) == 1:
             files = {datasets[0]: items[0]}
         else:
@@ -322,12 +329,6 @@ def _data_files(value, datasets: list[str]) -> dict[str, str]:
         if not Path(path).expanduser().is_file():
             raise ConfigError(f"--data_files: '{path}' does not exist: give a .jsonl or .parquet file")
     return files
-
-
-def _canonical(name: str) -> str:
-    from evaluation.datasets.registry import canonical_name
-
-    return canonical_name(name)
 
 
 def check_knobs(config: EvalConfig, given: set[str]) -> None:

@@ -231,3 +231,10 @@ def get_executor(name: str) -> Callable[[EvalConfig, list[RunSpec]], list[RunRes
     if name not in EXECUTORS:
         raise ConfigError(f"--executor must be {' or '.join(EXECUTORS)}, got '{name}'")
     return EXECUTORS[name]
+
+
+def run_sweep(config: EvalConfig) -> list[RunResult]:
+    """Run the cells of the sweep (this shard's, with --shard) on the chosen executor, resuming what is cached;
+    returns one result per cell. Everything is checked before a model loads."""
+    specs = plan(config)
+    return get_executor(config.executor)(config, specs)

@@ -258,15 +258,6 @@ def run_cells(model, tokenizer, config: EvalConfig, specs: list[RunSpec]) -> lis
     return [finish_run(run, records[run.spec.dataset], config) for run in prepared]
 
 
-def run_sweep(config: EvalConfig) -> list[RunResult]:
-    """Run the cells of the sweep (this shard's, with --shard) on the chosen executor, resuming what is cached;
-    returns one result per cell. Everything is checked before a model loads."""
-    from evaluation.executors import get_executor, plan
-
-    specs = plan(config)
-    return get_executor(config.executor)(config, specs)
-
-
 def kv_held_share(metrics: dict) -> str:
     """KV bytes held after the prefill over a dense cache's, as a percentage ("-" if not measured)."""
     held, dense = metrics.get("kv_bytes_held"), metrics.get("kv_bytes_dense")

@@ -17,8 +17,8 @@ from conftest import without_timings
 from evaluation.cache import METRICS_FILE, PREDICTIONS_FILE
 from evaluation.compare import compare
 from evaluation.config import resolve_config
-from evaluation.executors import shard_cells
-from evaluation.runner import run_sweep, sweep_grid
+from evaluation.executors import run_sweep, shard_cells
+from evaluation.runner import sweep_grid
 from leaderboard.results import read_results
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -15,7 +15,8 @@ import yaml
 from evaluation.cache import CONFIG_FILE, METRICS_FILE
 from evaluation.cli import main
 from evaluation.config import default_num_threads, resolve_config
-from evaluation.runner import results_table, run_sweep
+from evaluation.executors import run_sweep
+from evaluation.runner import results_table
 
 HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from evaluation.config import ConfigError, EvalConfig, ruler_sources
+from evaluation.config import RULER_LENGTH_PREFIX, ConfigError, EvalConfig, canonical_name, ruler_sources
 from evaluation.datasets.needle import NeedleError, generate_needle_grid, needle_from_rows
 from evaluation.datasets.ruler_synthetic import generate_task, resolve_tasks
 
@@ -30,8 +30,6 @@ logger = logging.getLogger("kvpress-eval")
 
 REQUIRED_COLUMNS = ("context", "question", "answer")
 OPTIONAL_FIELDS = ("all_classes", "length", "needle", "needle_length", "needle_depth")
-DATASET_ALIASES = {"longbench-e": "longbench_e"}  # kvpress's spelling -> ours
-RULER_LENGTH_PREFIX = "ruler-"
 LONGBENCH_SUBSETS = ("narrativeqa", "qasper", "multifieldqa_en", "hotpotqa", "2wikimqa", "musique", "gov_report",
                      "qmsum", "multi_news", "trec", "triviaqa", "samsum", "passage_count", "passage_retrieval_en",
                      "lcc", "repobench-p")
@@ -64,11 +62,6 @@ def register(spec: DatasetSpec) -> None:
     if spec.name in DATASETS:
         raise ValueError(f"dataset '{spec.name}' is already registered")
     DATASETS[spec.name] = spec
-
-
-def canonical_name(name: str) -> str:
-    """Our name for a dataset given in kvpress's spelling (``longbench-e`` -> ``longbench_e``)."""
-    return DATASET_ALIASES.get(name, name)
 
 
 def ruler_length_of(name: str) -> int | None:
