@@ -198,11 +198,9 @@ class CompactLayer(DynamicLayer):
         heads = self.heads
         former_owner = (rows[:, None] * heads + torch.arange(heads, device=self.device)).reshape(-1)
         pages_per_owner = torch.bincount(self.page_owner, minlength=self.batch * heads)
-        first_page = torch.cumsum(pages_per_owner, 0) - pages_per_owner
         counts = pages_per_owner[former_owner]
         page_owner = torch.arange(former_owner.numel(), device=self.device).repeat_interleave(counts)
-        rank = torch.arange(page_owner.numel(), device=self.device) - (torch.cumsum(counts, 0) - counts)[page_owner]
-        pages = first_page[former_owner][page_owner] + rank
+        pages = _starts(pages_per_owner)[former_owner][page_owner] + _rank_within_owner(page_owner, counts)
         old_slots = max(1, self.page_positions.numel())
         self.page_keys, self.page_values = self.page_keys[pages], self.page_values[pages]
         self.page_positions, self.page_owner = self.page_positions[pages], page_owner
@@ -304,10 +302,8 @@ class CompactLayer(DynamicLayer):
         counts = torch.bincount(owner, minlength=bh)
         page, uniform = page_layout(counts)
         pages_per_owner = (counts + page - 1) // page
-        first_page = torch.cumsum(pages_per_owner, 0) - pages_per_owner
-        first_pair = torch.cumsum(counts, 0) - counts
-        rank = torch.arange(owner.numel(), device=owner.device) - first_pair[owner]
-        slot = (first_page[owner] + rank // page) * page + rank % page
+        rank = _rank_within_owner(owner, counts)
+        slot = (_starts(pages_per_owner)[owner] + rank // page) * page + rank % page
         n_pages = int(pages_per_owner.sum())
         dim = keys.shape[-1]
         page_keys = keys.new_zeros(n_pages * page, dim)
@@ -404,14 +400,11 @@ class CompactLayer(DynamicLayer):
         page_counts = torch.bincount(page_owner, minlength=bh)
         recent_counts = torch.bincount(recent_owner, minlength=bh)
         lengths = page_counts + recent_counts
-        start = torch.cumsum(lengths, 0) - lengths
+        start = _starts(lengths)
         # a run is its owner's page pairs, then its recent ones; each already in position order
-        page_rank = torch.arange(page_slots.numel(), device=self.device) - (torch.cumsum(page_counts, 0)
-                                                                             - page_counts)[page_owner]
-        recent_rank = torch.arange(recent_slots.numel(), device=self.device) - (torch.cumsum(recent_counts, 0)
-                                                                                 - recent_counts)[recent_owner]
-        page_destination = start[page_owner] + page_rank
-        recent_destination = start[recent_owner] + page_counts[recent_owner] + recent_rank
+        page_destination = start[page_owner] + _rank_within_owner(page_owner, page_counts)
+        recent_destination = (start[recent_owner] + page_counts[recent_owner]
+                              + _rank_within_owner(recent_owner, recent_counts))
         out = []
         for pages, recent in ((self.page_keys, self.recent_keys), (self.page_values, self.recent_values)):
             held = pages.new_empty(int(lengths.sum()), dim)
@@ -571,6 +564,16 @@ def page_size(mean_kept: float) -> int:
     """Pairs per page for a head-wise layout whose heads keep ``mean_kept`` pairs on average."""
     size = 1 << max(0, int(mean_kept / 16)).bit_length() - 1 if mean_kept >= 32 else MIN_PAGE_SIZE
     return max(MIN_PAGE_SIZE, min(MAX_PAGE_SIZE, size))
+
+
+def _starts(counts: torch.Tensor) -> torch.Tensor:
+    """Where each owner's run begins when runs of ``counts`` are laid end to end (an exclusive cumulative sum)."""
+    return torch.cumsum(counts, 0) - counts
+
+
+def _rank_within_owner(owner: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """For items sorted by ``owner``, each one's index within its owner's run (``counts`` items per owner)."""
+    return torch.arange(owner.numel(), device=owner.device) - _starts(counts)[owner]
 
 
 def _grow(tensor: torch.Tensor, capacity: int) -> torch.Tensor:

@@ -508,13 +508,18 @@ def reference_flash_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     assert cu_seqlens_q.dtype == cu_seqlens_k.dtype == torch.int32
     assert isinstance(max_seqlen_q, int) and isinstance(max_seqlen_k, int)
     assert dropout_p == 0.0 and block_table is None and not softcap
+    assert int(cu_seqlens_q.diff().max()) <= max_seqlen_q and int(cu_seqlens_k.diff().max()) <= max_seqlen_k
     FLASH_CALLS.append(("varlen", max_seqlen_q))
+    return _reference_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, window_size)
+
+
+def _reference_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, causal, window_size):
+    """The attention both stand-ins compute (:func:`reference_flash_varlen`'s contract), recording no call."""
     out = torch.zeros_like(q)
     groups = q.shape[1] // k.shape[1]
     scale = softmax_scale or q.shape[-1] ** -0.5
     for i in range(cu_seqlens_q.numel() - 1):
         (q0, q1), (k0, k1) = cu_seqlens_q[i:i + 2].tolist(), cu_seqlens_k[i:i + 2].tolist()
-        assert q1 - q0 <= max_seqlen_q and k1 - k0 <= max_seqlen_k
         queries = q[q0:q1].transpose(0, 1).float()
         keys, values = (x[k0:k1].transpose(0, 1).repeat_interleave(groups, 0).float() for x in (k, v))
         logits = queries @ keys.transpose(-1, -2) * scale
@@ -537,9 +542,10 @@ def reference_flash(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     batch, sq, sk = q.shape[0], q.shape[1], k.shape[1]
     cu = dict(dtype=torch.int32)
     cu_q, cu_k = (torch.arange(0, (batch + 1) * length, length, **cu) for length in (sq, sk))
-    out = reference_flash_varlen(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_q, cu_k, sq, sk, dropout_p,
-                                 softmax_scale, causal, window_size)
-    FLASH_CALLS[-1] = ("dense", sq)
+    assert dropout_p == 0.0 and not softcap
+    FLASH_CALLS.append(("dense", sq))
+    out = _reference_varlen_attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_q, cu_k, softmax_scale,
+                                      causal, window_size)
     return out.view(q.shape)
 
 
